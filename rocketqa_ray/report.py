@@ -1,0 +1,87 @@
+"""The human report: a Markdown table of stages x metrics and a PNG plot (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rocketqa_ray.io import atomic_path, write_text
+
+# RocketQA (Qu et al., NAACL 2021), MS MARCO dev MRR@10 (x100), for context only: a different dataset.
+PAPER_MSMARCO_MRR10 = {"bm25": 18.7, "md0_inbatch": 32.4, "md0": 33.3, "md1": 36.4, "md2": 37.0}
+METRIC_ORDER = ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20")
+STAGE_LABELS = {
+    "bm25": "BM25 (reference)",
+    "zero_shot": "zero-shot dual encoder (reference)",
+    "md0": "M_D0: cross-batch negatives",
+    "md0_inbatch": "ablation: M_D0 in-batch only",
+    "mc": "M_C reranking M_D0 top-k",
+    "md1": "M_D1: + denoised hard negatives",
+    "md1_undenoised": "ablation: M_D1 without denoising",
+    "md2": "M_D2: + pseudo-labels",
+    "md2_rerank": "M_D2 + M_C rerank",
+}
+
+
+def _metrics_present(stages: dict[str, dict]) -> list[str]:
+    seen = {m for v in stages.values() for m in v}
+    return [m for m in METRIC_ORDER if m in seen]
+
+
+def plot(stages: dict[str, dict], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = _metrics_present(stages)
+    names = list(stages)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(names) + 2), 4.8))
+    width = 0.8 / max(1, len(metrics))
+    x = np.arange(len(names))
+    for i, m in enumerate(metrics):
+        vals = [stages[s].get(m, np.nan) for s in names]
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=m)
+    ax.set_xticks(x, names, rotation=20)
+    lo = min((v for s in stages.values() for v in s.values() if isinstance(v, (int, float))), default=0.0)
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.set_ylabel("test split")
+    ax.set_title("rocketqa-ray: retrieval quality per stage")
+    ax.legend(ncol=min(6, len(metrics)), fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def markdown(report: dict, plot_name: str = "report.png") -> str:
+    stages = report["stages"]
+    metrics = _metrics_present(stages)
+    lines = ["# rocketqa-ray report", "", f"Data: `{report.get('data', '')}`, preset: `{report.get('preset', '')}`. "
+             "Test split only.", "", f"![metrics per stage]({plot_name})", ""]
+    head = "| stage | " + " | ".join(metrics) + " | paper MS MARCO MRR@10 | time (s) |"
+    lines += [head, "|" + "---|" * (len(metrics) + 3)]
+    for s, m in stages.items():
+        cells = [f"{m[k]:.3f}" if k in m else "" for k in metrics]
+        paper = PAPER_MSMARCO_MRR10.get(s)
+        secs = report.get("timings_s", {}).get(s)
+        lines.append(f"| {STAGE_LABELS.get(s, s)} | " + " | ".join(cells)
+                     + f" | {paper if paper is not None else ''} | {secs if secs is not None else ''} |")
+    lines += ["", "The paper's figures are MS MARCO dev MRR@10 (x100), shown for the expected ordering only.", ""]
+    stats = report.get("stats", {})
+    for name, st in stats.items():
+        if not st:
+            continue
+        lines += [f"## {name}", "", "| statistic | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in st.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_reports(report: dict, run_dir: str | Path) -> None:
+    run_dir = Path(run_dir)
+    if report["stages"]:
+        plot(report["stages"], run_dir / "report.png")
+    write_text(run_dir / "report.md", markdown(report))
