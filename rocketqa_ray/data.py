@@ -153,6 +153,16 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     return out
 
 
+def _qrels_line(path: Path, qid: str, pid: str | None = None) -> int | str:
+    """Line number of the first qrels line naming `qid` (and `pid`); only called to word an error."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if parts[0] == qid and (pid is None or pid in parts[1:3]):
+                return lineno
+    return "?"
+
+
 @dataclass
 class BeirData:
     """A validated BEIR dataset: corpus location, queries, qrels by split."""
@@ -207,11 +217,12 @@ def load_beir(root: str | Path, splits: tuple[str, ...] = ("train", "test"), che
             raise DataError(f"{path}: split '{split}' has no relevant (score > 0) pairs")
         for qid, rels in qrels.items():
             if qid not in queries:
-                raise DataError(f"{path}: query id {qid!r} is not in queries.jsonl")
+                raise DataError(f"{path}:{_qrels_line(path, qid)}: query id {qid!r} is not in queries.jsonl")
             if check_corpus:
                 for pid in rels:
                     if pid not in data.passage_ids:
-                        raise DataError(f"{path}: corpus id {pid!r} (query {qid!r}) is not in {corpus_path.name}")
+                        raise DataError(f"{path}:{_qrels_line(path, qid, pid)}: corpus id {pid!r} (query {qid!r}) "
+                                        f"is not in {corpus_path.name}")
         data.qrels[split] = qrels
     return data
 

@@ -194,7 +194,10 @@ class DualEncoder(nn.Module):
             if pooling_cfg.exists():
                 pc = json.loads(pooling_cfg.read_text())
                 cfg.pooling = "cls" if pc.get("pooling_mode_cls_token") else "mean"
-            cfg.normalize = (path / "2_Normalize").exists()
+            # The Normalize module has no weights, so its folder may be absent; modules.json is what ST reads.
+            modules = json.loads((path / "modules.json").read_text()) if (path / "modules.json").exists() else []
+            cfg.normalize = (path / "2_Normalize").exists() or any(
+                m.get("type", "").endswith(".Normalize") for m in modules)
         tok = AutoTokenizer.from_pretrained(path)
         p = AutoModel.from_pretrained(path)
         qdir = path / QUERY_TOWER_DIR
