@@ -68,7 +68,9 @@ def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, hea
     vocab = _tiny_vocab()
     with atomic_dir(out_dir) as tmp:
         (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        tok = BertTokenizerFast(vocab_file=str(tmp / "vocab.txt"), do_lower_case=True)
+        # transformers 5 ignores `vocab_file=` (the tokenizer would know only the 5 special tokens);
+        # from_pretrained reads vocab.txt in every version.
+        tok = BertTokenizerFast.from_pretrained(tmp, do_lower_case=True)
         torch.manual_seed(seed)
         cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          intermediate_size=hidden * 2, max_position_embeddings=512)
@@ -82,7 +84,8 @@ def resolve_base(base: str) -> Path:
     if base == "minilm":
         return minilm_path()
     if base == "tiny":
-        key = hashlib.sha1("\n".join(_tiny_vocab()).encode()).hexdigest()[:10]
+        # "v2": models cached before the tokenizer fix had a 5-token tokenizer.
+        key = hashlib.sha1(("v2\n" + "\n".join(_tiny_vocab())).encode()).hexdigest()[:10]
         return build_tiny_model(TINY_CACHE / f"tiny-bert-{key}")
     path = Path(base).expanduser()
     if not (path / "config.json").exists():
