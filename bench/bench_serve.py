@@ -1,0 +1,238 @@
+"""Bounded load test of the Ray Serve search service on 127.0.0.1 (stops by itself).
+
+For batching on and off, with and without rerank, at 1, 8 and 32 concurrent clients: p50/p95/p99
+latency, requests/s and errors (must be 0). Also the same search in-process (SearchService, one
+client) to show what Serve adds: HTTP proxy + ingress + three handle calls.
+
+    python bench/bench_serve.py                        # tiny demo RUN_DIR built in a temp dir (fast)
+    python bench/bench_serve.py --run-dir runs/cpu     # a real pipeline run (MiniLM)
+
+Prints JSON and writes bench/results/serve.json. The numbers depend on what else the machine runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)  # Serve replicas import serve.app from the driver's working directory
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def pct(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "mean": float("nan")}
+    a = np.asarray(xs)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process(svc, queries: list[str], rerank: bool, top_k: int, n: int, seconds: float) -> dict:
+    """One client calling the same components in this process (no Ray, no HTTP)."""
+    for q in queries[:3]:
+        svc.search(q, top_k=top_k, rerank=rerank)  # warm-up
+    lat, stages = [], {"encode": [], "retrieve": [], "rerank": []}
+    t_end = time.perf_counter() + seconds
+    start = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        out = svc.search(queries[i % len(queries)], top_k=top_k, rerank=rerank)
+        lat.append(1e3 * (time.perf_counter() - t0))
+        for k in stages:
+            stages[k].append(out["timings_ms"][k])
+        if time.perf_counter() > t_end:
+            break
+    wall = time.perf_counter() - start
+    return {"requests": len(lat), "latency_ms": pct(lat), "rps": len(lat) / wall,
+            "stage_p50_ms": {k: float(np.median(v)) for k, v in stages.items()}}
+
+
+def load(url: str, queries: list[str], rerank: bool, top_k: int, clients: int, n: int, seconds: float) -> dict:
+    """`clients` threads with keep-alive sessions send `n` requests in total (or stop after `seconds`)."""
+    import requests
+
+    lock = threading.Lock()
+    counter = iter(range(n))
+    lat: list[float] = []
+    server_total: list[float] = []
+    errors: dict[str, int] = {}
+    t_end = time.perf_counter() + seconds
+
+    def client(_: int) -> None:
+        s = requests.Session()
+        while time.perf_counter() < t_end:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            body = {"query": queries[i % len(queries)], "top_k": top_k, "rerank": rerank}
+            t0 = time.perf_counter()
+            try:
+                r = s.post(f"{url}/search", json=body, timeout=120)
+                ok = r.status_code == 200
+                key = None if ok else f"http {r.status_code}"
+            except requests.RequestException as e:
+                ok, key = False, type(e).__name__
+            dt = 1e3 * (time.perf_counter() - t0)
+            with lock:
+                if ok:
+                    lat.append(dt)
+                    server_total.append(r.json()["timings_ms"]["total"])
+                else:
+                    errors[key] = errors.get(key, 0) + 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    return {"clients": clients, "requests": len(lat), "errors": sum(errors.values()), "error_kinds": errors,
+            "latency_ms": pct(lat), "rps": len(lat) / wall, "wall_s": wall,
+            "server_total_p50_ms": float(np.median(server_total)) if server_total else float("nan")}
+
+
+def wait_healthy(url: str, timeout: float = 180) -> dict:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            r = requests.get(f"{url}/healthz", timeout=10)
+            if r.status_code == 200:
+                return r.json()
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"service at {url} not healthy after {timeout} s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", default=None, help="a pipeline RUN_DIR; default: a demo one in a temp dir")
+    ap.add_argument("--demo-preset", default="tiny", choices=["tiny", "cpu"],
+                    help="demo RUN_DIR models: tiny random BERT, or untrained all-MiniLM-L6-v2 (cpu)")
+    ap.add_argument("--demo-passages", type=int, default=200)
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    ap.add_argument("--requests", type=int, default=200, help="requests per cell (cell = batching x rerank x clients)")
+    ap.add_argument("--cell-seconds", type=float, default=20.0, help="time limit per cell")
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--torch-threads", type=int, default=1, help="per model replica, and for the in-process run")
+    ap.add_argument("--batching", default="on,off", help="which batching modes to run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    args = ap.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    from rocketqa_ray.config import RayConfig
+    from rocketqa_ray.io import write_json
+    from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.service import SearchService, demo_queries, find_artifacts, make_demo_run_dir
+    from serve.app import build_app
+
+    tmp = None
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
+        run_dir = make_demo_run_dir(Path(tmp.name) / "run", n_passages=args.demo_passages, preset=args.demo_preset)
+    arts = find_artifacts(run_dir)
+    queries = demo_queries(run_dir)
+    clients = [int(c) for c in args.concurrency.split(",")]
+    modes = [m.strip() for m in args.batching.split(",")]
+    load_before = os.getloadavg()
+
+    # -- in process (same thread budget as one replica)
+    torch.set_num_threads(args.torch_threads)
+    svc = SearchService(arts)
+    reranks = [False, True] if svc.reranker is not None else [False]
+    inproc = {f"rerank={r}": in_process(svc, queries, r, args.top_k, args.requests, args.cell_seconds) for r in reranks}
+    del svc
+
+    # -- over HTTP
+    ensure_ray(RayConfig(local_num_cpus=4))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    cells = []
+    health = None
+    try:
+        for mode in modes:
+            serve.run(build_app({"run_dir": str(run_dir), "batching": mode, "torch_threads": args.torch_threads}),
+                      name="bench", route_prefix="/")
+            health = wait_healthy(url)
+            load(url, queries, True, args.top_k, 4, 16, 30)  # warm-up: first calls load lazily
+            for rerank in reranks:
+                for c in clients:
+                    res = load(url, queries, rerank, args.top_k, c, args.requests, args.cell_seconds)
+                    res.update(batching=mode, rerank=rerank)
+                    cells.append(res)
+                    print(f"batching={mode:3s} rerank={rerank!s:5s} clients={c:2d}: "
+                          f"p50 {res['latency_ms']['p50']:7.1f} ms  p95 {res['latency_ms']['p95']:7.1f}  "
+                          f"p99 {res['latency_ms']['p99']:7.1f}  {res['rps']:6.1f} req/s  errors {res['errors']}",
+                          file=sys.stderr, flush=True)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+
+    overhead = {}
+    for c in cells:
+        if c["clients"] == 1:
+            ref = inproc[f"rerank={c['rerank']}"]["latency_ms"]["p50"]
+            overhead[f"batching={c['batching']},rerank={c['rerank']}"] = {
+                "serve_p50_ms": c["latency_ms"]["p50"], "in_process_p50_ms": ref,
+                "added_p50_ms": c["latency_ms"]["p50"] - ref,
+                "http_and_proxy_p50_ms": c["latency_ms"]["p50"] - c["server_total_p50_ms"],
+            }
+    result = {
+        "benchmark": "serve",
+        "run_dir": str(run_dir) if args.run_dir else
+        f"demo RUN_DIR (make_demo_run_dir, preset {args.demo_preset}, {args.demo_passages} passages, untrained models)",
+        "stage": arts.stage,
+        "index": health["index"] if health else None,
+        "top_k": args.top_k,
+        "rerank_top_k": arts.cfg.serve.rerank_top_k,
+        "max_batch_size": arts.cfg.serve.max_batch_size,
+        "torch_threads_per_replica": args.torch_threads,
+        "requests_per_cell": args.requests,
+        "cell_seconds": args.cell_seconds,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg()},
+        "note": "shared machine: provisional numbers; client threads run on the same cores as the service",
+        "in_process": inproc,
+        "serve": cells,
+        "serve_overhead": overhead,
+        "total_errors": sum(c["errors"] for c in cells),
+    }
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 1 if result["total_errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Ray Serve application: HTTP ingress -> query encoder -> FAISS retriever -> cross-encoder reranker.
+
+    serve run serve.app:build_app run_dir=runs/cpu                  # one command, 127.0.0.1:8000
+    serve run serve.app:build_app run_dir=runs/cpu batching=off reranker_replicas=2
+    serve deploy serve/config.yaml                                  # autoscaling settings per deployment
+
+Each model is its own deployment with its own replicas and resources; the encoder and the reranker
+batch concurrent requests with `@serve.batch`. The computation is `rocketqa_ray.service`'s Ray-free
+components, so the service returns exactly what the in-process `SearchService` returns.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types (e.g. Request) on the routes.
+import asyncio
+import dataclasses
+import logging
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from rocketqa_ray.config import IndexConfig, ServeConfig, _coerce
+from rocketqa_ray.errors import ConfigError
+from rocketqa_ray.service import (
+    MAX_TOP_K,
+    BadRequest,
+    QueryEncoderCore,
+    RerankerCore,
+    RetrieverCore,
+    ServiceError,
+    candidate_depth,
+    combine,
+    find_artifacts,
+    parse_search_request,
+    rerank_texts,
+    set_torch_threads,
+)
+
+log = logging.getLogger("ray.serve")
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+# A replica that died or is restarting: retry, then answer 503 (the client may retry), never 500.
+UNAVAILABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
+RETRIES = 3
+
+
+# ------------------------------------------------------------------------------------------ deployments
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class QueryEncoder:
+    """Query strings -> [H] embeddings; concurrent requests are encoded as one batch."""
+
+    def __init__(self, model_dir: str, bf16: str, device: str, batching: bool, max_batch_size: int,
+                 batch_wait_timeout_s: float, torch_threads: int):
+        set_torch_threads(torch_threads)
+        self.core = QueryEncoderCore(model_dir, bf16=bf16, device=device)
+        self.batching = batching
+        self._encode_batch.set_max_batch_size(max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def encode(self, query: str) -> np.ndarray:
+        if self.batching:
+            return await self._encode_batch(query)
+        return self.core.encode([query])[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, queries: list[str]) -> list[np.ndarray]:
+        return list(self.core.encode(queries))
+
+    def info(self) -> dict[str, Any]:
+        return {"model": str(self.core.model_dir), "fingerprint": self.core.fingerprint, "dim": self.core.dim}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class Retriever:
+    """FAISS search plus passage texts."""
+
+    def __init__(self, index_dir: str, corpus_path: str, expect_dim: int | None, expect_fingerprint: str | None,
+                 index_cfg: IndexConfig | None = None):
+        self.core = RetrieverCore(index_dir, corpus_path, expect_dim=expect_dim, expect_fingerprint=expect_fingerprint,
+                                  index_cfg=index_cfg)
+
+    def search(self, emb: np.ndarray, k: int) -> list[dict]:
+        return self.core.search(emb[None, :], k)[0]
+
+    def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class Reranker:
+    """(query, candidate passages) -> cross-encoder probabilities; concurrent requests share one forward pass."""
+
+    def __init__(self, model_dir: str, bf16: str, device: str, batching: bool, max_batch_size: int,
+                 batch_wait_timeout_s: float, torch_threads: int):
+        set_torch_threads(torch_threads)
+        self.core = RerankerCore(model_dir, bf16=bf16, device=device)
+        self.batching = batching
+        self._rerank_batch.set_max_batch_size(max_batch_size)
+        self._rerank_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def rerank(self, query: str, passages: list[str]) -> np.ndarray:
+        if self.batching:
+            return await self._rerank_batch((query, passages))
+        return self.core.score_many([(query, passages)])[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _rerank_batch(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+        return self.core.score_many(requests)
+
+    def info(self) -> dict[str, Any]:
+        return {"model": str(self.core.model_dir)}
+
+
+# ------------------------------------------------------------------------------------------ HTTP ingress
+app = FastAPI(title="rocketqa-ray search", description="Dense retrieval (RocketQA dual encoder + FAISS), "
+              "then cross-encoder reranking. POST /search {\"query\": str, \"top_k\": int, \"rerank\": bool}.")
+
+
+class _Unavailable(Exception):
+    pass
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(app)
+class SearchIngress:
+    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, reranker: DeploymentHandle | None,
+                 info: dict[str, Any], max_query_chars: int, rerank_top_k: int):
+        self.encoder, self.retriever, self.reranker = encoder, retriever, reranker
+        self.info = info
+        self.max_query_chars = max_query_chars
+        self.rerank_top_k = rerank_top_k
+        self.page = PAGE.read_text(encoding="utf-8")
+        self._index_info: dict[str, Any] | None = None
+
+    async def _call(self, what: str, make_call) -> Any:
+        """Await a handle call, retrying while a replica is being replaced."""
+        for attempt in range(RETRIES):
+            try:
+                return await make_call()
+            except UNAVAILABLE as e:
+                log.warning("%s unavailable (attempt %d/%d): %s", what, attempt + 1, RETRIES, type(e).__name__)
+                if attempt == RETRIES - 1:
+                    raise _Unavailable(f"the {what} is restarting; retry in a few seconds") from None
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def index_info(self) -> dict[str, Any]:
+        if self._index_info is None:
+            self._index_info = await self._call("retriever", lambda: self.retriever.info.remote())
+        return self._index_info
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Ok only when every deployment answers (so it doubles as a readiness check after start-up)."""
+        calls = [self.index_info(), self._call("query encoder", lambda: self.encoder.info.remote())]
+        if self.reranker is not None:
+            calls.append(self._call("reranker", lambda: self.reranker.info.remote()))
+        try:
+            index, *_ = await asyncio.gather(*calls)
+        except _Unavailable as e:
+            return JSONResponse({"status": "unavailable", "message": str(e)}, status_code=503)
+        return JSONResponse({"status": "ok", **self.info, "index": index})
+
+    @app.post("/search")
+    async def search(self, request: Request) -> JSONResponse:
+        try:
+            index = await self.index_info()
+            req = parse_search_request(await request.body(), self.max_query_chars, min(MAX_TOP_K, index["size"]))
+            return JSONResponse(await self._search(req.query, req.top_k, req.rerank))
+        except BadRequest as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except _Unavailable as e:
+            return JSONResponse({"error": "service unavailable", "message": str(e)}, status_code=503,
+                                headers={"Retry-After": "2"})
+
+    async def _search(self, query: str, top_k: int, rerank: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        emb = await self._call("query encoder", lambda: self.encoder.encode.remote(query))
+        t1 = time.perf_counter()
+        do_rerank = rerank and self.reranker is not None
+        k = candidate_depth(top_k, do_rerank, self.rerank_top_k, (await self.index_info())["size"])
+        hits = await self._call("retriever", lambda: self.retriever.search.remote(emb, k))
+        t2 = time.perf_counter()
+        scores = None
+        if do_rerank:
+            texts = rerank_texts(hits)
+            scores = await self._call("reranker", lambda: self.reranker.rerank.remote(query, texts))
+        t3 = time.perf_counter()
+        out: dict[str, Any] = {
+            "results": combine(hits, top_k, scores),
+            "reranked": do_rerank,
+            "timings_ms": {"encode": 1e3 * (t1 - t0), "retrieve": 1e3 * (t2 - t1), "rerank": 1e3 * (t3 - t2),
+                           "total": 1e3 * (t3 - t0)},
+        }
+        if rerank and self.reranker is None:
+            out["message"] = self.info["rerank_message"]
+        return out
+
+
+# ------------------------------------------------------------------------------------------ application
+@dataclasses.dataclass
+class AppArgs:
+    """`serve run serve.app:build_app key=value ...` arguments (ServeConfig fields override the run's config)."""
+
+    run_dir: str = ""
+    batching: bool = True
+    autoscaling: bool = False  # replicas scale between 1 and <deployment>_replicas on ongoing requests
+    num_gpus: float = 0.0  # per encoder/reranker replica; > 0 runs the models on CUDA
+    torch_threads: int = 1  # per model replica (replicas share the machine's cores)
+
+
+def parse_args(args: dict[str, Any] | None) -> tuple[AppArgs, dict[str, Any]]:
+    """Split and type-check arguments: (AppArgs, ServeConfig overrides). Unknown keys are a ConfigError."""
+    own = typing.get_type_hints(AppArgs)
+    serve_fields = typing.get_type_hints(ServeConfig)
+    app_args, overrides = AppArgs(), {}
+    for key, value in (args or {}).items():
+        if isinstance(value, str) and value.lower() in ("on", "off"):
+            value = value.lower() == "on"  # batching=off reads naturally on a command line
+        if key in own:
+            setattr(app_args, key, _coerce(value, own[key], key))
+        elif key in serve_fields:
+            overrides[key] = _coerce(value, serve_fields[key], key)
+        else:
+            raise ConfigError(f"unknown argument {key!r}; valid arguments: {', '.join([*own, *serve_fields])}")
+    if not app_args.run_dir:
+        raise ConfigError("missing run_dir: serve run serve.app:build_app run_dir=<the pipeline's RUN_DIR>")
+    return app_args, overrides
+
+
+def _replicas(n: int, autoscaling: bool, target: int) -> dict[str, Any]:
+    if n < 1:
+        raise ConfigError(f"replica counts must be at least 1 (got {n})")
+    if autoscaling:
+        return {"autoscaling_config": {"min_replicas": 1, "max_replicas": n, "target_ongoing_requests": target}}
+    return {"num_replicas": n}
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application graph for a RUN_DIR. `args` (strings from the command line, or typed from a
+    config file): run_dir (required), batching, autoscaling, num_gpus, torch_threads, and any
+    ServeConfig field (encoder_replicas, retriever_replicas, reranker_replicas, max_batch_size,
+    batch_wait_timeout_s, max_query_chars, rerank_top_k)."""
+    app_args, overrides = parse_args(args)
+    arts = find_artifacts(app_args.run_dir)
+    scfg = dataclasses.replace(arts.cfg.serve, **overrides)
+    if scfg.max_batch_size < 1 or scfg.batch_wait_timeout_s < 0 or scfg.max_query_chars < 1 or scfg.rerank_top_k < 1:
+        raise ConfigError("max_batch_size, max_query_chars and rerank_top_k must be >= 1, batch_wait_timeout_s >= 0")
+    from rocketqa_ray.models import fingerprint
+
+    fp = fingerprint(arts.model_dir)
+    dim = _model_dim(arts.model_dir)
+    bf16 = arts.cfg.encode.bf16
+    device = "cuda" if app_args.num_gpus > 0 else "cpu"
+    model_actor = {"num_cpus": 0.1, **({"num_gpus": app_args.num_gpus} if app_args.num_gpus > 0 else {})}
+    batch_kw = dict(bf16=bf16, device=device, batching=app_args.batching, max_batch_size=scfg.max_batch_size,
+                    batch_wait_timeout_s=scfg.batch_wait_timeout_s, torch_threads=app_args.torch_threads)
+    # A replica must accept at least a full batch of requests at once, or batches never fill.
+    queue = max(2 * scfg.max_batch_size, 16)
+
+    encoder = QueryEncoder.options(
+        ray_actor_options=model_actor, max_ongoing_requests=queue,
+        **_replicas(scfg.encoder_replicas, app_args.autoscaling, scfg.max_batch_size),
+    ).bind(str(arts.model_dir), **batch_kw)
+    retriever = Retriever.options(
+        ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
+        **_replicas(scfg.retriever_replicas, app_args.autoscaling, 8),
+    ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index)
+    reranker = None
+    if arts.cross_dir is not None:
+        reranker = Reranker.options(
+            ray_actor_options=model_actor, max_ongoing_requests=queue,
+            **_replicas(scfg.reranker_replicas, app_args.autoscaling, scfg.max_batch_size),
+        ).bind(str(arts.cross_dir), **batch_kw)
+    else:
+        log.warning("%s", arts.rerank_message)
+    info = {
+        "stage": arts.stage, "model": str(arts.model_dir), "model_fingerprint": fp,
+        "reranker": str(arts.cross_dir) if arts.cross_dir else None, "rerank_message": arts.rerank_message,
+        "batching": app_args.batching, "max_batch_size": scfg.max_batch_size, "rerank_top_k": scfg.rerank_top_k,
+        "max_query_chars": scfg.max_query_chars, "max_top_k": MAX_TOP_K, "device": device,
+    }
+    return SearchIngress.bind(encoder, retriever, reranker, info, scfg.max_query_chars, scfg.rerank_top_k)
+
+
+def _model_dim(model_dir: Path) -> int:
+    """Hidden size from the saved config, without loading the weights in the driver."""
+    import json
+
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
+    except (KeyError, ValueError, OSError) as e:
+        raise ServiceError(f"{model_dir}/config.json has no readable hidden_size ({e})") from None
