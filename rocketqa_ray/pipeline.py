@@ -233,7 +233,8 @@ class Pipeline:
 
     def _train_dual(self, d: Path, rows: list[dict], variant_cfg: Config | None = None,
                     init: Path | None = None) -> Path:
-        from rocketqa_ray.training import train_dual, write_examples
+        from rocketqa_ray.examples import write_examples
+        from rocketqa_ray.training import train_dual
 
         self._ray()
         cfg = variant_cfg or self.cfg
@@ -242,14 +243,17 @@ class Pipeline:
             write_examples(rows, ex)
         return Path(train_dual(cfg, str(ex), str(d), init_model=str(init) if init else None, name=d.name))
 
-    def _examples(self, qids: list[str], positives: dict[str, str], negatives: dict[str, list[str]] | None) -> list[dict]:
-        rows = []
-        for q in qids:
-            p = positives[q]
-            negs = (negatives or {}).get(q, [])
-            rows.append({"qid": q, "query": self.qtext(q), "positive_id": p, "positive": self.ptext(p),
-                         "negative_ids": negs, "negatives": [self.ptext(n) for n in negs]})
-        return rows
+    def _examples(self, qids: list[str], negatives: dict[str, list[str]] | None,
+                  positives: dict[str, str] | None = None) -> list[dict]:
+        """Dual-encoder rows for `qids`: gold (or given pseudo) positives, `dual.num_hard_negatives` drawn from
+        each question's `negatives` pool (none for step 1)."""
+        from rocketqa_ray.examples import build_dual_examples
+
+        return build_dual_examples(
+            self.data, self.corpus, qids, negatives, self.cfg.dual.num_hard_negatives if negatives else 0,
+            self.cfg.mining.seed, split=self.cfg.data.train_split,
+            positives={q: {p: 1} for q, p in positives.items()} if positives is not None else None,
+            queries={q: self.qtext(q) for q in qids} if positives is not None else None)
 
     def _gold_positive(self, qids: list[str]) -> dict[str, str]:
         qrels = self.data.split(self.cfg.data.train_split)
@@ -283,7 +287,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------ step 1
     def _md0(self, d: Path, cfg: Config) -> StageResult:
         train = self.splits.train
-        rows = self._examples(train, self._gold_positive(train), None)
+        rows = self._examples(train, None)
         model_dir = self._train_dual(d, rows, cfg)
         metrics, index = self._dense_eval(model_dir, d, d.name)
         stats = {"train_questions": len(train), "cross_batch": cfg.dual.cross_batch, "workers": cfg.ray.num_workers,
@@ -303,7 +307,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ step 2
     def _stage_mc(self, d: Path) -> StageResult:
-        from rocketqa_ray.training import train_cross, write_examples
+        from rocketqa_ray.examples import write_examples
+        from rocketqa_ray.training import train_cross
 
         self._ray()
         train = self.splits.train
@@ -348,9 +353,8 @@ class Pipeline:
                                           _has_answer, self.ptext))
         else:
             pool = cands
-        negs = sample_negatives(pool, self.cfg.dual.num_hard_negatives, seed=m.seed)
-        write_json(d / "hard_negatives.json", negs)
-        rows = self._examples(train, self._gold_positive(train), negs)
+        write_json(d / "hard_negative_pool.json", pool)
+        rows = self._examples(train, pool)
         init = self.stage_dir("md0") / "model" if self.cfg.dual.init == "previous" else None
         model_dir = self._train_dual(d, rows, init=init)
         metrics, index = self._dense_eval(model_dir, d, d.name)
@@ -384,9 +388,7 @@ class Pipeline:
             pl = pseudo_label(cands, scores, m.pseudo_pos_threshold, m.pseudo_neg_threshold,
                               hidden_gold=hidden or None)
             stats.update({f"pseudo_{k}": v for k, v in pl.stats.items()})
-            negs = sample_negatives(pl.negatives, self.cfg.dual.num_hard_negatives, seed=m.seed)
-            labelled = sorted(pl.positives)
-            rows = rows + self._examples(labelled, pl.positives, negs)
+            rows = rows + self._examples(sorted(pl.positives), pl.negatives, positives=pl.positives)
         stats["train_questions"] = len(rows)
         init = md1_model if self.cfg.dual.init == "previous" else None
         model_dir = self._train_dual(d, rows, init=init)
