@@ -117,7 +117,10 @@ class IndexConfig:
     ef_search: int = 256
     shard_size: int | None = None  # vectors per shard; None = one index
     use_gpu: str = "auto"  # auto | true | false
-    train_sample: int = 262144
+    train_sample: int = 131072  # IVF-PQ training vectors (k-means cost grows with it; >= 39 per list)
+    # IVF-PQ re-ranking: the top refine_k_factor * k PQ candidates are re-scored with kept vectors.
+    refine: str = "flat"  # none (PQ codes only) | flat (exact, +4*dim bytes/vector) | sq8 (+dim bytes/vector)
+    refine_k_factor: float = 4.0
 
 
 @dataclass
