@@ -308,6 +308,8 @@ def parse_search_request(body: bytes, max_query_chars: int, max_top_k: int) -> S
                 msg = f"unknown field '{field}'; allowed fields: query, top_k, rerank"
             elif err["type"] == "missing":
                 msg = f"field '{field}' is required"
+            elif not err["type"].startswith("value_error"):  # a type error: show what was sent
+                msg = f"{msg} (got {json.dumps(err.get('input'))[:80]})"
             detail.append({"field": field, "message": msg, "type": err["type"]})
         message = "; ".join(f"{d['field']}: {d['message']}" for d in detail)
         raise BadRequest(422, "invalid request", message, detail) from None

@@ -25,10 +25,12 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rocketqa_ray.config import IndexConfig, ServeConfig, _coerce
 from rocketqa_ray.errors import ConfigError
 from rocketqa_ray.service import (
+    MAX_BODY_BYTES,
     MAX_TOP_K,
     BadRequest,
     QueryEncoderCore,
@@ -126,6 +128,14 @@ class _Unavailable(Exception):
     pass
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # 404/405 etc. get the same {"error", "message"} body as the service's own 4xx answers.
+    return JSONResponse({"error": str(exc.detail).lower(), "message": f"{request.method} {request.url.path}: {exc.detail}; "
+                         "the API is POST /search, GET /healthz, GET / (search page)", "detail": []},
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class SearchIngress:
@@ -173,8 +183,16 @@ class SearchIngress:
     @app.post("/search")
     async def search(self, request: Request) -> JSONResponse:
         try:
-            index = await self.index_info()
-            req = parse_search_request(await request.body(), self.max_query_chars, min(MAX_TOP_K, index["size"]))
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:  # refuse before reading it
+                raise BadRequest(413, "request too large", f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+            # Validate before touching any other deployment: bad input is a 4xx even while a replica restarts.
+            req = parse_search_request(await request.body(), self.max_query_chars, MAX_TOP_K)
+            size = (await self.index_info())["size"]
+            if req.top_k > size:
+                msg = f"top_k must be between 1 and {size} (the index holds {size} passages; got {req.top_k})"
+                raise BadRequest(422, "invalid request", f"top_k: {msg}", [{"field": "top_k", "message": msg,
+                                                                             "type": "value_error"}])
             return JSONResponse(await self._search(req.query, req.top_k, req.rerank))
         except BadRequest as e:
             return JSONResponse(e.body(), status_code=e.status)

@@ -96,7 +96,7 @@ class Offline:
         self.bf16 = arts.cfg.encode.bf16
         self.dual = DualEncoder.load(arts.model_dir)
         self.index = DenseIndex.load(arts.index_dir)
-        self.ce = CrossEncoder.load(arts.cross_dir)
+        self.ce = CrossEncoder.load(arts.cross_dir) if arts.cross_dir else None
         self.texts = {p["_id"]: passage_text(p["title"], p["text"]) for p in iter_corpus(arts.corpus_path)}
         self.rerank_top_k = arts.cfg.serve.rerank_top_k
 
@@ -259,7 +259,7 @@ BAD = [
     ({"query": LONG}, 422, "limit is 1000"),
     ({"query": "who?", "top_k": 0}, 422, "between 1 and 100"),
     ({"query": "who?", "top_k": 101}, 422, "between 1 and 100"),
-    ({"query": "who?", "top_k": "5"}, 422, "top_k"),
+    ({"query": "who?", "top_k": "5"}, 422, 'top_k: Input should be a valid integer (got "5")'),
     ({"query": "who?", "top_k": 2.5}, 422, "top_k"),
     ({"query": "who?", "top_k": None}, 422, "top_k"),
     ({"query": "who?", "rerank": "yes"}, 422, "rerank"),
@@ -285,8 +285,10 @@ def test_bad_requests_get_4xx_with_a_message(service, body, status, needle):
 
 
 def test_wrong_method_and_path_are_4xx(service):
-    assert requests.get(f"{service}/search", timeout=10).status_code == 405
-    assert requests.get(f"{service}/nope", timeout=10).status_code == 404
+    r = requests.get(f"{service}/search", timeout=10)
+    assert r.status_code == 405 and "POST /search" in r.json()["message"]
+    r = requests.get(f"{service}/nope", timeout=10)
+    assert r.status_code == 404 and "GET /nope" in r.json()["message"]
 
 
 def test_search_page_in_headless_chromium(service, queries, offline, tmp_path):
@@ -370,25 +372,33 @@ def test_killed_replica_is_replaced(service, queries, ray_session):
 
 
 @pytest.mark.slow
-def test_without_cross_encoder_and_batching_off(service, demo_run, offline, queries, tmp_path):
-    """A second app on the same Serve instance: a RUN_DIR without mc/ (rerank falls back to dense with a
-    message) and batching=off (the unbatched code path returns the same results)."""
+def test_without_cross_encoder_and_batching_off(service, queries, tmp_path):
+    """A second app on the same Serve instance: a 50-passage RUN_DIR without mc/ (rerank falls back to dense
+    with a message; top_k is capped by the index size), batching=off (the unbatched code path gives the same
+    results as the offline computation), autoscaling on."""
     from ray import serve
 
     from serve.app import build_app
 
-    run = tmp_path / "run"
-    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("mc"))
-    serve.run(build_app({"run_dir": str(run), "batching": "off"}), name="plain", route_prefix="/plain")
+    run = make_demo_run_dir(tmp_path / "run", n_passages=50, with_reranker=False)
+    small = Offline(run)
+    serve.run(build_app({"run_dir": str(run), "batching": "off", "autoscaling": "on"}), name="plain",
+              route_prefix="/plain")
     try:
         h = requests.get(f"{service}/plain/healthz", timeout=10).json()
         assert h["reranker"] is None and "no cross-encoder" in h["rerank_message"] and h["batching"] is False
+        assert h["index"]["size"] == 50
+        qs = demo_queries(run, 4)
         with ThreadPoolExecutor(4) as pool:
             rs = list(pool.map(lambda q: requests.post(f"{service}/plain/search", json={"query": q, "top_k": 5},
-                                                       timeout=30), queries[:4]))
-        for q, r in zip(queries, rs):
+                                                       timeout=30), qs))
+        for q, r in zip(qs, rs):
             body = r.json()
             assert r.status_code == 200 and body["reranked"] is False and "no cross-encoder" in body["message"]
-            assert_same_ranking(body["results"], offline.dense(q, 25), 5)
+            assert_same_ranking(body["results"], small.dense(q, 25), 5)
+        r = requests.post(f"{service}/plain/search", json={"query": qs[0], "top_k": 60}, timeout=30)
+        assert r.status_code == 422 and "the index holds 50 passages" in r.json()["message"]
+        r = requests.post(f"{service}/plain/search", json={"query": qs[0], "top_k": 50}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 50
     finally:
         serve.delete("plain")
