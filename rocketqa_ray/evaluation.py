@@ -15,6 +15,7 @@ from rocketqa_ray.io import atomic_path
 Run = dict[str, dict[str, float]]  # {qid: {pid: score}}
 Qrels = dict[str, dict[str, int]]
 METRICS = ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10")
+_NO_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def run_from_arrays(qids: list[str], pids: list[str] | np.ndarray, idx: np.ndarray, scores: np.ndarray) -> Run:
@@ -42,8 +43,7 @@ def evaluate_run(run: Run, qrels: Qrels, metrics: tuple[str, ...] = METRICS) -> 
 
 def normalize_answer(s: str) -> str:
     """SQuAD's answer normalisation: lower case, no punctuation, articles or extra spaces."""
-    s = unicodedata.normalize("NFD", s).lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = unicodedata.normalize("NFD", s).lower().translate(_NO_PUNCT)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 

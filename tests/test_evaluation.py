@@ -18,6 +18,7 @@ from rocketqa_ray.evaluation import (
     run_from_arrays,
     write_trec_run,
 )
+from rocketqa_ray.io import atomic_dir, atomic_path, read_json, write_json
 
 QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1, "d3": 1}, "q3": {"d9": 1}}
 RUN = {
@@ -123,3 +124,29 @@ def test_read_trec_run_bad_line(tmp_path):
     f.write_text("q1 Q0 d1 1 0.5 tag\nq1 d2 0.4\n")
     with pytest.raises(DataError, match=r"bad\.trec:2: a TREC run line needs 6 fields"):
         read_trec_run(f)
+
+
+def test_atomic_writes_leave_old_file_on_failure(tmp_path):
+    target = tmp_path / "report.json"
+    write_json(target, {"mrr@10": np.float32(0.5), "path": tmp_path})  # numpy scalars and paths serialise
+    assert read_json(target) == {"mrr@10": 0.5, "path": str(tmp_path)}
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half written")
+        raise RuntimeError("crash mid-write")
+    assert read_json(target)["mrr@10"] == 0.5  # the old complete file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # and no temp file is left
+
+
+def test_atomic_dir_replaces_whole_folder(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as d:
+        (d / "a.txt").write_text("1")
+        (d / "old.txt").write_text("x")
+    with atomic_dir(target) as d:
+        (d / "a.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and (target / "a.txt").read_text() == "2"
+    with pytest.raises(RuntimeError), atomic_dir(target) as d:
+        (d / "a.txt").write_text("3")
+        raise RuntimeError("crash")
+    assert (target / "a.txt").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
