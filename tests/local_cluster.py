@@ -224,9 +224,13 @@ class LocalCluster:
                f"--resources={json.dumps(resources)}", f"--temp-dir={node_dir}",
                f"--object-store-memory={self.object_store_memory}", "--log-style=record", *args]
         cmd += [f"--{k}={v}" for k, v in ports.items()]
+        # Ray's own helpers inside workers (e.g. Ray Train's placement-group cleaner, which queries the
+        # state API) find "their" cluster through RAY_ADDRESS; without it they refuse to pick one when
+        # several Ray clusters run on this machine.
+        env = {**self.env, "RAY_ADDRESS": self.gcs_address}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=str(self.temp_dir), start_new_session=True)
+                                    env=env, cwd=str(self.temp_dir), start_new_session=True)
         return RayNode(name, proc, log_path, resources, ports)
 
     def start(self, timeout: float = 120.0) -> LocalCluster:
