@@ -46,23 +46,31 @@ def exact_search(q_emb: np.ndarray, p_emb: np.ndarray, k: int, chunk: int = 1024
     return idx, scores
 
 
+def check_retriever(spec: str) -> None:
+    """Fail before loading any data when `--retriever` cannot work."""
+    if spec in BM25_KINDS + BASES:
+        return
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"--retriever {spec!r} is not one of {', '.join(BM25_KINDS + BASES)} nor an existing "
+                          "model folder; pass e.g. RUN_DIR/md2/model")
+    meta_file = path / "rocketqa_ray.json"  # models.META_FILE, without importing torch this early
+    if meta_file.exists() and json.loads(meta_file.read_text()).get("kind") == "cross_encoder":
+        raise ConfigError(f"{path} is a cross-encoder; --retriever needs a dual encoder (e.g. RUN_DIR/md2/model)")
+    if not (path / "config.json").exists():
+        raise ConfigError(f"--retriever {path} is not a saved model folder (no config.json)")
+
+
 def load_dual_encoder(spec: str, max_len: int | None):
     from rocketqa_ray.config import ModelConfig
-    from rocketqa_ray.models import META_FILE, DualEncoder
+    from rocketqa_ray.models import DualEncoder
 
     if spec in BASES:
         # Zero-shot: the base model as sentence-transformers ships it (mean pooling, normalised, 256 tokens).
         n = max_len or 256
         return DualEncoder.from_base(ModelConfig(base=spec, pooling="mean", normalize=True,
                                                  query_max_len=n, passage_max_len=n))
-    path = Path(spec)
-    if not path.exists():
-        raise ConfigError(f"--retriever {spec!r} is not one of {', '.join(BM25_KINDS + BASES)} nor an existing "
-                          "model folder; pass e.g. RUN_DIR/md2/model")
-    meta_file = path / META_FILE
-    if meta_file.exists() and json.loads(meta_file.read_text()).get("kind") == "cross_encoder":
-        raise ConfigError(f"{path} is a cross-encoder; --retriever needs a dual encoder (e.g. RUN_DIR/md2/model)")
-    model = DualEncoder.load(path)
+    model = DualEncoder.load(spec)
     if max_len:
         model.cfg.passage_max_len = max_len
     return model
@@ -76,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_retriever(args.retriever)
     t0 = time.perf_counter()
     data = load_beir(args.data, splits=(args.split,), check_corpus=False)
     qrels = data.split(args.split)

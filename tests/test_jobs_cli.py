@@ -104,6 +104,8 @@ def test_bad_arguments(tmp_path):
     r = run_job("--data", str(REPO / "data" / "squad-mini"), "--retriever", str(tmp_path / "nope"))
     assert r.returncode == 2 and "is not one of bm25, bm25-stem, minilm, tiny" in r.stderr
     assert "Traceback" not in r.stderr
+    r = run_job("--data", str(tmp_path), "--retriever", str(tmp_path))  # checked before the data is read
+    assert r.returncode == 2 and "is not a saved model folder (no config.json)" in r.stderr
     r = run_job("--data", str(REPO / "data" / "squad-mini"), "--retriever", "bm25", "--split", "dev")
     assert r.returncode == 2 and "qrels/dev.tsv: qrels file not found" in r.stderr
 
