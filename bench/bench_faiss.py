@@ -94,6 +94,29 @@ class Mixture:
         return out
 
 
+def real_data(args) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Passage embeddings from an encoding job, and the first --queries questions of --real-split encoded
+    in-process by the same model (its fingerprint must match the embeddings')."""
+    from rocketqa_ray.encoding import embeddings_info, load_embeddings
+    from rocketqa_ray.models import DualEncoder, fingerprint, resolve_base
+
+    model_dir = resolve_base(args.real_model)
+    fp = embeddings_info(args.real_emb).get("model_fingerprint")
+    if fp is not None and fp != fingerprint(model_dir):
+        raise SystemExit(f"{args.real_emb} was encoded by another model than {args.real_model}")
+    ids, emb = load_embeddings(args.real_emb)
+    texts = []
+    with open(args.real_queries, encoding="utf-8") as f:
+        for line in f:
+            q = json.loads(line)
+            if q.get("split", args.real_split) == args.real_split:
+                texts.append(q["text"])
+            if len(texts) >= args.queries:
+                break
+    queries = DualEncoder.load(model_dir).encode(texts, "query", 128, "auto")
+    return emb, list(ids), np.ascontiguousarray(queries, np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------- measuring
 
 
@@ -194,8 +217,20 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=100, help="queries timed one at a time (latency)")
     ap.add_argument("--set", nargs="*", default=[], help="IndexConfig overrides, e.g. hnsw_m=16 nlist=4096")
     ap.add_argument("--gpu", action="store_true", help="also run with index.use_gpu=true (needs faiss-gpu)")
-    ap.add_argument("--out", default=str(RESULTS / "faiss.json"))
+    ap.add_argument(
+        "--out", default=None, help="default bench/results/faiss.json (faiss_real.json with --real-emb)"
+    )
+    ap.add_argument(
+        "--real-emb", default=None, help="an encoding job's output dir: index real passage embeddings"
+    )
+    ap.add_argument("--real-queries", default=None, help="BEIR queries.jsonl to encode as the queries")
+    ap.add_argument("--real-split", default="test")
+    ap.add_argument("--real-model", default="minilm", help="the dual encoder that made --real-emb")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS / ("faiss_real.json" if args.real_emb else "faiss.json"))
+    if args.real_emb and not args.real_queries:
+        ap.error("--real-emb needs --real-queries")
 
     import faiss
 
@@ -223,10 +258,19 @@ def main() -> None:
         "kinds": {},
     }
     t0 = time.perf_counter()
-    mix = Mixture.make(args.dim)
-    emb = mix.corpus(args.n)
-    queries = mix.draw(args.queries, seed=424242)
-    ids = [str(i) for i in range(args.n)]
+    if args.real_emb:
+        emb, ids, queries = real_data(args)
+        args.n = len(ids)
+        result.update(n=len(ids), dim=emb.shape[1], queries=len(queries))
+        result["data"] = (
+            f"real: passages {args.real_emb}, questions from {args.real_queries} (split {args.real_split}) "
+            f"encoded with {args.real_model}"
+        )
+    else:
+        mix = Mixture.make(args.dim)
+        emb = mix.corpus(args.n)
+        queries = mix.draw(args.queries, seed=424242)
+        ids = [str(i) for i in range(args.n)]
     result["data_gen_s"] = round(time.perf_counter() - t0, 1)
     log(f"data {emb.shape} in {result['data_gen_s']}s")
 

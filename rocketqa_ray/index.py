@@ -17,6 +17,12 @@ Index kinds and their memory per vector (d = dimension, float32 = 4 bytes):
 - hnsw:  graph over raw vectors, 4*d + ~8*hnsw_m bytes. Fast and accurate, but slow to build and it
   cannot run on GPU in faiss.
 
+Measured (bench/bench_faiss.py, 1M x 384 synthetic clustered vectors, shared 2-core CPU, k=100):
+IVF2000,PQ48 alone is 59 MB and reaches recall@100 0.70; with the flat re-rank store (1.6 GB) and
+refine_k_factor 4 it reaches 0.97-0.98 at nprobe 8-32, 11-20x flat's queries per CPU-second. On real
+MiniLM embeddings (SQuAD, 21k passages, question queries) the IVF lists are the limit instead: recall@100
+0.93 at nprobe 32 and 0.96 at nprobe 64 (of 290 lists); `nprobe` is the knob to raise first.
+
 Every saved index records the fingerprint of the model that encoded the passages; loading it for a
 different query encoder is an error, because its scores would be meaningless.
 
