@@ -249,8 +249,19 @@ def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int,
         w(f"Retrieval of the {fmt(questions)} questions (top {top}+) with IVF-PQ, nlist={nlist}, nprobe={nprobe}: "
           f"measured {fmt(s['qps'])} q/s at {fmt(s['n'])} vectors ({s['factory']}, recall@k {s['recall']}), "
           f"i.e. {fmt(s['scanned'])} codes scanned per query; at N it scans {fmt(scanned)} codes -> "
-          f"~{fmt(qps_n)} q/s per CPU search process, {hours(questions / max(qps_n, 1e-9))} on one "
+          f"~{fmt(qps_n)} q/s per CPU search process ({fa.get('machine', {}).get('faiss_threads', '?')} faiss "
+          f"threads, synthetic data), {hours(questions / max(qps_n, 1e-9))} on one "
           "(it parallelises over shards and processes).\n")
+        real = load("faiss_real")
+        pts = [p for p in (real or {}).get("kinds", {}).get("ivfpq", {}).get("sweep", []) if p["recall@k"] >= 0.95]
+        if pts:
+            p = min(pts, key=lambda p: (p["nprobe"], p["refine_k_factor"]))
+            lists = int(re.search(r"IVF(\d+)", real["kinds"]["ivfpq"]["factory"]).group(1))
+            w(f"Caveat from real embeddings (bench/results/faiss_real.json, {fmt(real['n'])} SQuAD passages "
+              f"encoded by MiniLM): recall@{real.get('k')} >= 0.95 needed nprobe={p['nprobe']} of nlist={lists} "
+              f"({100 * p['nprobe'] / lists:.0f}% of the lists) and refine k_factor {p['refine_k_factor']:g}. "
+              "Real embeddings cluster less cleanly than the synthetic mixture: tune `index.nprobe` on a "
+              "held-out sample of your own questions before trusting the extrapolation above.\n")
     else:
         w("Retrieval cost: MISSING (bench/results/faiss.json has no IVF-PQ point with recall >= 0.9).\n")
 

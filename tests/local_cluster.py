@@ -133,28 +133,26 @@ class RayNode:
             _signal(pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Graceful stop (SIGTERM to our `ray start`), then SIGKILL whatever of its session remains."""
-        if self.alive():
-            _signal(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.time() + 10
-        while True:
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to every process of this node's session (our `ray start` first, as `ray stop` would
+        do for all of them), then SIGKILL whatever is still there after `grace` seconds."""
+        _signal(self.pid, signal.SIGTERM)
+        for pid in session_pids(self.pid):
+            _signal(pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while session_pids(self.pid) and time.time() < deadline:
+            time.sleep(0.3)
+        for _ in range(3):
             left = session_pids(self.pid)
             if not left:
                 break
-            if time.time() > deadline:
-                for pid in left:
-                    _signal(pid, signal.SIGKILL)
-                time.sleep(0.5)
-                if not session_pids(self.pid):
-                    break
-                deadline = time.time() + 10
+            for pid in left:
+                _signal(pid, signal.SIGKILL)
             time.sleep(0.5)
-        if self.alive():
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
             self.proc.wait(timeout=10)
 
     def log_tail(self, n: int = 4000) -> str:
