@@ -1,0 +1,152 @@
+"""Losses and gradient caching, in one process (no Ray): exact values, masking, cached == uncached."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rocketqa_ray.config import Config, ModelConfig
+from rocketqa_ray.gradcache import cached_backward, split_features
+from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, passage_key
+from rocketqa_ray.models import DualEncoder
+from rocketqa_ray.training import DualTask
+
+
+def _emb(n: int, h: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, h, generator=g), dim=-1)
+
+
+def test_contrastive_loss_matches_manual_softmax_with_groups():
+    b, g, t = 3, 3, 0.1
+    q, p = _emb(b, seed=1), _emb(b * g, seed=2)
+    loss = contrastive_loss(q, p, t)
+    manual = 0.0
+    for i in range(b):
+        scores = [float(q[i] @ p[j]) / t for j in range(b * g)]
+        lse = math.log(sum(math.exp(s) for s in scores))
+        manual += lse - scores[i * g]  # query i's positive is the first of its group
+    assert loss.item() == pytest.approx(manual / b, rel=1e-5)
+
+
+def test_duplicate_passages_are_not_negatives_and_padding_is_ignored():
+    b, g, t = 3, 2, 0.05
+    q, p = _emb(b, seed=3), _emb(b * g, seed=4)
+    keys = torch.arange(b * g, dtype=torch.long) + 100
+    # Query 0 and query 1 share a gold passage (rows 0 and 2): for query 0, row 2 is the same passage.
+    p[2] = p[0]
+    keys[2] = keys[0]
+    keys[5] = PAD_KEY  # query 2 has no hard negative: a padding slot
+    masked = contrastive_loss(q, p, t, p_keys=keys)
+    # Reference: drop the duplicate column for queries 0 and 1 and the padding column for everyone.
+    scores = q @ p.T / t
+    ref = 0.0
+    for i, pos in enumerate([0, 2, 4]):
+        cols = [j for j in range(b * g) if j != 5 and not (keys[j] == keys[pos] and j != pos)]
+        ref += -torch.log_softmax(scores[i, cols], 0)[cols.index(pos)]
+    assert masked.item() == pytest.approx(ref.item() / b, rel=1e-5)
+    assert contrastive_loss(q, p, t).item() > masked.item()  # unmasked, the duplicate hurts
+
+
+def test_contrastive_loss_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="groups"):
+        contrastive_loss(_emb(3), _emb(4), 0.05)
+    with pytest.raises(ValueError, match="expected q"):
+        contrastive_loss(_emb(3), torch.zeros(3, 5), 0.05)
+
+
+def test_passage_key_is_stable_and_non_negative():
+    assert passage_key("doc1") == passage_key("doc1") != passage_key("doc2")
+    assert 0 <= passage_key("x") < 2**63
+    # A fixed value: the key must not depend on the process (Python's hash() would).
+    assert passage_key("doc1") == int.from_bytes(__import__("hashlib").blake2b(b"doc1", digest_size=8).digest(),
+                                                 "little") >> 1
+
+
+def test_bce_loss_matches_formula():
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    manual = -sum(y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x)))
+                  for x, y in zip(logits.tolist(), labels.tolist())) / 3
+    assert bce_loss(logits, labels).item() == pytest.approx(manual, rel=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        bce_loss(logits, labels[:2])
+
+
+# ----------------------------------------------------------------------------------- gradient caching
+def _rows(n: int, with_neg: bool = True) -> list[dict]:
+    words = ["river", "city", "music", "history", "church", "war", "school", "language", "king", "film"]
+    rows = []
+    for i in range(n):
+        w = words[i % len(words)]
+        rows.append({
+            "qid": f"q{i}", "query": f"what {w} is number {i}", "positive": f"the {w} {i} was important in history " * (1 + i % 3),
+            "positive_id": f"p{i}",
+            "negatives": [f"another {words[(i + 3) % len(words)]} text"] if with_neg else [],
+            "negative_ids": [f"n{i}"] if with_neg else [],
+        })
+    return rows
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _step(model: DualEncoder, rows: list[dict], grad_cache: bool, chunk: int) -> tuple[float, dict]:
+    cfg = Config()
+    cfg.dual.grad_cache, cfg.dual.grad_cache_chunk = grad_cache, chunk
+    model.zero_grad(set_to_none=True)
+    loss = DualTask(cfg, num_negatives=1).loss_backward(model, rows, torch.device("cpu"), bf16=False)
+    return float(loss), _grads(model)
+
+
+def _assert_same(a: tuple[float, dict], b: tuple[float, dict], tol: float = 1e-5) -> None:
+    assert a[0] == pytest.approx(b[0], rel=tol, abs=tol)
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 10
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def tiny_dual(tiny_model_dir):
+    return DualEncoder.from_base(ModelConfig(base=str(tiny_model_dir), query_max_len=16, passage_max_len=48))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_grad_cache_equals_plain_step_without_dropout(tiny_dual, chunk):
+    tiny_dual.eval()
+    rows = _rows(6)
+    _assert_same(_step(tiny_dual, rows, grad_cache=False, chunk=chunk), _step(tiny_dual, rows, True, chunk))
+
+
+def test_grad_cache_replays_dropout_masks(tiny_dual):
+    """With dropout on and one chunk per tower the cached step draws the same masks as the plain step;
+    this only holds because each chunk's RNG state is restored for the re-run."""
+    tiny_dual.train()
+    rows = _rows(6)
+    torch.manual_seed(7)
+    plain = _step(tiny_dual, rows, grad_cache=False, chunk=64)
+    torch.manual_seed(7)
+    cached = _step(tiny_dual, rows, grad_cache=True, chunk=64)
+    torch.manual_seed(8)
+    other = _step(tiny_dual, rows, grad_cache=False, chunk=64)
+    _assert_same(plain, cached)
+    assert abs(plain[0] - other[0]) > 1e-6  # dropout is really on: another seed gives another loss
+    tiny_dual.eval()
+
+
+def test_split_features_trims_padding_per_chunk(tiny_dual):
+    feats = tiny_dual.tokenize(["a b", "a b c d e f g h", "a"], "passage")
+    chunks = split_features(feats, 2)
+    assert [c["input_ids"].shape[0] for c in chunks] == [2, 1]
+    assert chunks[0]["input_ids"].shape[1] == feats["input_ids"].shape[1]
+    assert chunks[1]["input_ids"].shape[1] < feats["input_ids"].shape[1]
+    assert int(chunks[1]["attention_mask"].min()) == 1
+
+
+def test_cached_backward_rejects_bad_chunk(tiny_dual):
+    with pytest.raises(ValueError, match="chunk"):
+        cached_backward([(lambda f: f, {})], lambda x: x.sum(), 0)
