@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from rocketqa_ray.config import RayConfig
 
@@ -35,6 +36,11 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Workers must import this package even when it is not pip-installed and the job was started
+        # from another directory (under `ray job submit` the working_dir takes care of that).
+        root = str(Path(__file__).resolve().parent.parent)
+        env = kwargs["runtime_env"]["env_vars"]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         # Logical CPUs above the physical count keep Ray Data actor pools and Train workers from waiting
         # on each other on small machines (they are mostly blocked in torch, which has its own threads).
         ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=False, **kwargs)
