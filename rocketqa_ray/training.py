@@ -333,18 +333,22 @@ def _worker_loop(config: dict) -> None:
     shuffle_buffer = max(global_batch, min(config["rows"], 50_000))
     start_step = step
     epoch, skip = divmod(step, steps_per_epoch)
-    t_last, step_last, loss_sum, loss_n = time.perf_counter(), step, 0.0, 0
+    t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
+    cpu_last = time.process_time()
     t_start = time.perf_counter()
     while step < total:
         batches = shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=shuffle_buffer,
                                      local_shuffle_seed=tcfg.seed + epoch)
+        t_fetch = time.perf_counter()
         for i, table in enumerate(batches):
             if i < skip:
                 continue  # trained on before the checkpoint this run resumed from
             if i >= steps_per_epoch or step >= total:
                 break
             rows = table.slice(rank * tcfg.batch_size, tcfg.batch_size).to_pylist()
+            t_step = time.perf_counter()
+            data_s += t_step - t_fetch
             torch.manual_seed(_step_seed(tcfg.seed, step, rank))
             loss = task.loss_backward(model, rows, device, bf16, epoch)
             allreduce_grads(params)
@@ -356,6 +360,7 @@ def _worker_loop(config: dict) -> None:
             step += 1
             loss_sum += float(loss)
             loss_n += 1
+            compute_s += time.perf_counter() - t_step
 
             end_of_epoch = (i + 1) == steps_per_epoch
             do_ckpt = step == total or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or (
@@ -369,6 +374,11 @@ def _worker_loop(config: dict) -> None:
                     "lr": scheduler.get_last_lr()[0], "seq_per_s": round(rate * seqs_per_step, 2),
                     "steps_per_s": round(rate, 4), "eta_s": round((total - step) / max(rate, 1e-9), 1),
                     "elapsed_s": round(now - t_start, 1),
+                    # where this worker's time went since the last log (rank 0's view)
+                    "data_ms": round(1000 * data_s / max(loss_n, 1), 1),
+                    "compute_ms": round(1000 * compute_s / max(loss_n, 1), 1),
+                    # CPU time of this worker process (all its threads) per step: robust to a busy machine
+                    "cpu_ms": round(1000 * (time.process_time() - cpu_last) / max(step - step_last, 1), 1),
                 }
                 history.append(metrics)
                 if rank == 0:
@@ -376,11 +386,14 @@ def _worker_loop(config: dict) -> None:
                              metrics["epoch"], metrics["loss"], metrics["lr"], metrics["seq_per_s"],
                              _fmt_duration(metrics["eta_s"]))
                 report(metrics, checkpoint=do_ckpt, final=step == total)
-                t_last, step_last, loss_sum, loss_n = time.perf_counter(), step, 0.0, 0
+                t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
+                cpu_last = time.process_time()
             elif step == start_step + 1:
-                t_last, step_last = time.perf_counter(), step  # throughput without the first step's warm-up
+                # throughput without the first step's warm-up
+                t_last, step_last, cpu_last = time.perf_counter(), step, time.process_time()
             if hook is not None:
                 hook(rank, step)
+            t_fetch = time.perf_counter()
         epoch, skip = epoch + 1, 0
     if start_step == total:
         # Resumed from the last step's state (the previous attempt ended before its result was collected):
