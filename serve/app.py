@@ -98,10 +98,12 @@ class Retriever:
 class Reranker:
     """(query, candidate passages) -> cross-encoder probabilities; concurrent requests share one forward pass."""
 
-    def __init__(self, model_dir: str, bf16: str, device: str, batching: bool, max_batch_size: int,
+    def __init__(self, model_dir: str | None, bf16: str, device: str, batching: bool, max_batch_size: int,
                  batch_wait_timeout_s: float, torch_threads: int):
         set_torch_threads(torch_threads)
-        self.core = RerankerCore(model_dir, bf16=bf16, device=device)
+        # A RUN_DIR without a cross-encoder still gets this (idle) deployment, so one `serve deploy`
+        # config with a Reranker section fits every RUN_DIR; the ingress then never calls it.
+        self.core = RerankerCore(model_dir, bf16=bf16, device=device) if model_dir else None
         self.batching = batching
         self._rerank_batch.set_max_batch_size(max_batch_size)
         self._rerank_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -116,7 +118,7 @@ class Reranker:
         return self.core.score_many(requests)
 
     def info(self) -> dict[str, Any]:
-        return {"model": str(self.core.model_dir)}
+        return {"model": str(self.core.model_dir) if self.core else None}
 
 
 # ------------------------------------------------------------------------------------------ HTTP ingress
@@ -141,7 +143,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 class SearchIngress:
     def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, reranker: DeploymentHandle | None,
                  info: dict[str, Any], max_query_chars: int, rerank_top_k: int):
-        self.encoder, self.retriever, self.reranker = encoder, retriever, reranker
+        self.encoder, self.retriever = encoder, retriever
+        self.reranker = reranker if info.get("reranker") else None
         self.info = info
         self.max_query_chars = max_query_chars
         self.rerank_top_k = rerank_top_k
@@ -293,13 +296,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
         **_replicas(scfg.retriever_replicas, app_args.autoscaling, 8),
     ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index)
-    reranker = None
-    if arts.cross_dir is not None:
-        reranker = Reranker.options(
-            ray_actor_options=model_actor, max_ongoing_requests=queue,
-            **_replicas(scfg.reranker_replicas, app_args.autoscaling, scfg.max_batch_size),
-        ).bind(str(arts.cross_dir), **batch_kw)
-    else:
+    reranker = Reranker.options(
+        ray_actor_options=model_actor if arts.cross_dir else {"num_cpus": 0.1}, max_ongoing_requests=queue,
+        **_replicas(scfg.reranker_replicas if arts.cross_dir else 1, app_args.autoscaling and bool(arts.cross_dir),
+                    scfg.max_batch_size),
+    ).bind(str(arts.cross_dir) if arts.cross_dir else None, **batch_kw)
+    if arts.cross_dir is None:
         log.warning("%s", arts.rerank_message)
     info = {
         "stage": arts.stage, "model": str(arts.model_dir), "model_fingerprint": fp,

@@ -15,7 +15,10 @@ import yaml
 from local_cluster import REPO, VENV_BIN, LocalCluster, free_ports
 
 # Every stage of the pipeline; the tiny preset runs them all for real in a few minutes on 2 cores.
-ALL_STAGES = "bm25,zero_shot,md0,mc,md1,md2,md2_rerank"
+# The whole pipeline runs end to end in test_pipeline_e2e; through `ray job submit` the first Ray stages
+# (Ray Data encoding, Ray Train, FAISS) prove the job path, and serving a RUN_DIR without a cross-encoder
+# is covered on the way, while CI stays short.
+ALL_STAGES = "bm25,zero_shot,md0"
 METRICS = ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20")
 
 
@@ -58,7 +61,7 @@ def test_pipeline_through_ray_job_submit(tmp_path):
     for stage in ALL_STAGES.split(","):
         assert set(METRICS) <= set(report["stages"][stage]), (stage, report["stages"][stage])
         assert all(0.0 <= report["stages"][stage][m] <= 1.0 for m in METRICS)
-    assert (out / "report.md").exists() and (out / "md2" / "model" / "config.json").exists()
+    assert (out / "report.md").exists() and (out / "md0" / "model" / "config.json").exists()
 
 
 def _serve_deploy_and_search(cluster: LocalCluster, run_dir, tmp_path) -> None:
