@@ -342,15 +342,24 @@ class SearchService:
         t2 = time.perf_counter()
         scores = self.reranker.score_many([(query, rerank_texts(hits))])[0] if do_rerank else None
         t3 = time.perf_counter()
-        out: dict[str, Any] = {
-            "results": combine(hits, top_k, scores),
-            "reranked": do_rerank,
-            "timings_ms": {"encode": 1e3 * (t1 - t0), "retrieve": 1e3 * (t2 - t1), "rerank": 1e3 * (t3 - t2),
-                           "total": 1e3 * (t3 - t0)},
-        }
-        if rerank and self.reranker is None:
-            out["message"] = self.arts.rerank_message
-        return out
+        message = self.arts.rerank_message if rerank and self.reranker is None else None
+        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message)
+
+
+def search_response(hits: Any, top_k: int, scores: Any, reranked: bool, times: tuple[float, float, float, float],
+                    message: str | None = None) -> dict[str, Any]:
+    """The /search JSON body (shared by the in-process service and the Serve ingress): results plus
+    per-step timings from the four perf_counter marks (start, encoded, retrieved, reranked)."""
+    t0, t1, t2, t3 = times
+    out: dict[str, Any] = {
+        "results": combine(hits, top_k, scores),
+        "reranked": reranked,
+        "timings_ms": {"encode": 1e3 * (t1 - t0), "retrieve": 1e3 * (t2 - t1), "rerank": 1e3 * (t3 - t2),
+                       "total": 1e3 * (t3 - t0)},
+    }
+    if message:
+        out["message"] = message
+    return out
 
 
 # ------------------------------------------------------------------------------------------ demo RUN_DIR

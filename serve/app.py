@@ -38,10 +38,10 @@ from rocketqa_ray.service import (
     RetrieverCore,
     ServiceError,
     candidate_depth,
-    combine,
     find_artifacts,
     parse_search_request,
     rerank_texts,
+    search_response,
     set_torch_threads,
 )
 
@@ -216,15 +216,8 @@ class SearchIngress:
             texts = rerank_texts(hits)
             scores = await self._call("reranker", lambda: self.reranker.rerank.remote(query, texts))
         t3 = time.perf_counter()
-        out: dict[str, Any] = {
-            "results": combine(hits, top_k, scores),
-            "reranked": do_rerank,
-            "timings_ms": {"encode": 1e3 * (t1 - t0), "retrieve": 1e3 * (t2 - t1), "rerank": 1e3 * (t3 - t2),
-                           "total": 1e3 * (t3 - t0)},
-        }
-        if rerank and self.reranker is None:
-            out["message"] = self.info["rerank_message"]
-        return out
+        message = self.info["rerank_message"] if rerank and self.reranker is None else None
+        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message)
 
 
 # ------------------------------------------------------------------------------------------ application
