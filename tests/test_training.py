@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,3 +293,17 @@ def test_dual_task_starts_from_a_saved_model_with_this_runs_lengths(tiny_model_d
     model.train()
     loss = DualTask(cfg, num_negatives=0).loss_backward(model, _rows(2 * B)[:4], torch.device("cpu"), bf16=False)
     assert loss > 0 and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_train_dual_job_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    job = [sys.executable, str(root / "jobs" / "train_dual.py"), "--out", str(tmp_path / "out"), "--preset", "tiny"]
+    r = subprocess.run([*job, "--data", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([*job, "--data", str(root / "data" / "squad-mini"), "--examples", str(tmp_path / "x.parquet")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
