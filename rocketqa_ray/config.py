@@ -79,9 +79,14 @@ class CrossConfig:
 
     base: str = "minilm"
     max_len: int = 160
-    lr: float = 1e-5
+    lr: float = 5e-5
     weight_decay: float = 0.01
-    batch_size: int = 32  # (question, passage) pairs per worker per step
+    batch_size: int = 8  # question groups (1 positive + num_negatives) per worker per step
+    # listwise: softmax over each group (learns to rank fast); bce: pointwise; listwise+bce: both.
+    loss: str = "listwise"
+    # Fraction of the question groups held out of training to calibrate the scores into probabilities
+    # (Platt scaling folded into the classifier head); 0 = keep raw sigmoid scores.
+    calibration_fraction: float = 0.1
     epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.1
@@ -343,6 +348,7 @@ CHOICES = {
     "dual.bf16": ("auto", "true", "false"),
     "dual.init": ("base", "previous"),
     "cross.bf16": ("auto", "true", "false"),
+    "cross.loss": ("listwise", "bce", "listwise+bce"),
     "encode.bf16": ("auto", "true", "false"),
     "index.kind": ("flat", "ivfpq", "hnsw", "auto"),
     "index.use_gpu": ("auto", "true", "false"),
@@ -359,10 +365,11 @@ def validate(cfg: Config) -> None:
     for s in cfg.pipeline.stages:
         if s not in STAGES:
             raise ConfigError(f"pipeline.stages: unknown stage {s!r}; valid stages: {', '.join(STAGES)}")
-    for name in ("dev_fraction", "pseudo_fraction"):
-        v = getattr(cfg.data, name)
+    for dotted in ("data.dev_fraction", "data.pseudo_fraction", "cross.calibration_fraction"):
+        section, key = dotted.split(".")
+        v = getattr(getattr(cfg, section), key)
         if not 0.0 <= v < 1.0:
-            raise ConfigError(f"data.{name}={v} must be in [0, 1)")
+            raise ConfigError(f"{dotted}={v} must be in [0, 1)")
     if cfg.data.dev_fraction + cfg.data.pseudo_fraction >= 1.0:
         raise ConfigError("data.dev_fraction + data.pseudo_fraction must leave some training questions (< 1)")
     for dotted in ("dual.batch_size", "cross.batch_size", "encode.batch_size", "ray.num_workers", "mining.top_k"):

@@ -2,13 +2,15 @@
 
 Dual encoder rows: `qid`, `query`, `positive` (passage text as the encoders see it, `data.passage_text`),
 `positive_id`, `negatives` (hard negative texts, possibly empty) and `negative_ids`.
-Cross-encoder rows: `query`, `passage`, `label` (1.0 / 0.0) and `group` (a positive and the negatives
-sampled for it share a group).
+Cross-encoder rows: one per question group: `qid`, `query`, `passages` (texts) and `labels` (1.0 / 0.0,
+one per passage): a positive with the negatives sampled for it, so a listwise loss sees them together
+and shuffling keeps them together.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +24,9 @@ DUAL_SCHEMA = pa.schema([
     ("qid", pa.string()), ("query", pa.string()), ("positive", pa.string()), ("positive_id", pa.string()),
     ("negatives", pa.list_(pa.string())), ("negative_ids", pa.list_(pa.string())),
 ])
-CROSS_SCHEMA = pa.schema([("query", pa.string()), ("passage", pa.string()), ("label", pa.float32()), ("group", pa.int64())])
+CROSS_SCHEMA = pa.schema([
+    ("qid", pa.string()), ("query", pa.string()), ("passages", pa.list_(pa.string())), ("labels", pa.list_(pa.float32())),
+])
 SCHEMAS = {"dual": DUAL_SCHEMA, "cross": CROSS_SCHEMA}
 
 
@@ -82,6 +86,24 @@ def build_dual_examples(
     return rows
 
 
+def build_cross_examples(
+    queries: dict[str, str],
+    positives: dict[str, str],
+    negatives: dict[str, list[str]],
+    text_of: Callable[[str], str],
+) -> list[dict]:
+    """One group per question: its positive first, then its negatives (`text_of(pid)` gives the text).
+
+    Questions without a positive are skipped; the order is the order of `positives` (training shuffles groups).
+    """
+    rows = []
+    for qid, pos in positives.items():
+        negs = [p for p in negatives.get(qid, []) if p != pos]
+        rows.append({"qid": qid, "query": queries[qid], "passages": [text_of(p) for p in [pos, *negs]],
+                     "labels": [1.0] + [0.0] * len(negs)})
+    return rows
+
+
 def write_examples(rows: list[dict], path: str | Path, kind: str | None = None) -> Path:
     """Write dual (`kind="dual"`) or cross-encoder (`"cross"`) rows to one Parquet file, atomically.
 
@@ -90,6 +112,11 @@ def write_examples(rows: list[dict], path: str | Path, kind: str | None = None) 
     if not rows:
         raise DataError(f"no training examples to write to {path}")
     kind = kind or ("dual" if "positive" in rows[0] else "cross")
+    if kind == "cross":
+        bad = next((r for r in rows if len(r["passages"]) != len(r["labels"]) or 1.0 not in r["labels"]), None)
+        if bad is not None:
+            raise DataError(f"cross-encoder group for question {bad.get('qid')!r} needs one label per passage and at "
+                            "least one positive (label 1.0)")
     schema = SCHEMAS[kind]
     missing = set(schema.names) - set(rows[0])
     if missing:
@@ -114,7 +141,8 @@ def parquet_files(path: str | Path) -> list[Path]:
 
 
 def check_examples(path: str | Path, kind: str) -> dict:
-    """Validate an examples file's columns; returns {"rows", "max_negatives"} (negatives: dual only)."""
+    """Validate an examples file's columns; returns {"rows", "max_negatives"} (most negatives in a row: dual
+    hard negatives, or a cross-encoder group's passages minus one)."""
     schema = SCHEMAS[kind]
     rows, max_neg = 0, 0
     for f in parquet_files(path):
@@ -123,18 +151,16 @@ def check_examples(path: str | Path, kind: str) -> dict:
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{f}: not a readable Parquet file ({e})") from None
         missing = set(schema.names) - set(pf.schema_arrow.names)
-        if kind == "cross":
-            missing.discard("group")  # pointwise BCE does not need groups
         if missing:
             raise DataError(f"{f}: {kind} training examples lack column(s) {sorted(missing)}; need {schema.names}")
         rows += pf.metadata.num_rows
-        if kind == "dual":
-            col = pq.read_table(f, columns=["negative_ids"]).column("negative_ids")
-            if len(col):
-                import pyarrow.compute as pc
+        col_name = "negative_ids" if kind == "dual" else "passages"
+        col = pq.read_table(f, columns=[col_name]).column(col_name)
+        if len(col):
+            import pyarrow.compute as pc
 
-                lengths = pc.list_value_length(col)
-                max_neg = max(max_neg, int(pc.max(lengths).as_py() or 0))
+            longest = int(pc.max(pc.list_value_length(col)).as_py() or 0)
+            max_neg = max(max_neg, longest if kind == "dual" else longest - 1)
     if rows == 0:
         raise DataError(f"{path}: no training examples")
     return {"rows": rows, "max_negatives": max_neg}

@@ -222,13 +222,14 @@ class Pipeline:
         run = {q: dict(items) for q, items in ranked.items()}
         return self._evaluate(run, d, name), index
 
-    def _ce_scores(self, pairs: list[tuple[str, str]], d: Path) -> dict[tuple[str, str], float]:
+    def _ce_scores(self, pairs: list[tuple[str, str]], d: Path,
+                   model_dir: Path | None = None) -> dict[tuple[str, str], float]:
         """Cross-encoder probabilities for (qid, pid) pairs, through the Ray Data scoring job (resumable)."""
         from rocketqa_ray.scoring import load_scores, score_pairs
 
         self._ray()
         rows = [{"qid": q, "pid": p, "query": self.qtext(q), "passage": self.ptext(p)} for q, p in pairs]
-        out = score_pairs(rows, str(self.stage_dir("mc") / "model"), str(d), self.cfg.encode)
+        out = score_pairs(rows, str(model_dir or self.stage_dir("mc") / "model"), str(d), self.cfg.encode)
         return load_scores(out)
 
     def _train_dual(self, d: Path, rows: list[dict], variant_cfg: Config | None = None,
@@ -307,25 +308,64 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ step 2
     def _stage_mc(self, d: Path) -> StageResult:
-        from rocketqa_ray.examples import write_examples
+        from rocketqa_ray.examples import build_cross_examples, write_examples
         from rocketqa_ray.training import train_cross
 
         self._ray()
+        c = self.cfg.cross
         train = self.splits.train
         pos = self._gold_positive(train)
-        negs = sample_negatives(self._train_ranked("md0"), self.cfg.cross.num_negatives, seed=self.cfg.mining.seed)
-        rows = []
-        for g, q in enumerate(train):
-            rows.append({"query": self.qtext(q), "passage": self.ptext(pos[q]), "label": 1.0, "group": g})
-            rows += [{"query": self.qtext(q), "passage": self.ptext(n), "label": 0.0, "group": g} for n in negs.get(q, [])]
+        negs = sample_negatives(self._train_ranked("md0"), c.num_negatives, seed=self.cfg.mining.seed)
+        parts = holdout(train, {"calib": c.calibration_fraction}, seed=self.cfg.mining.seed)
+        queries = {q: self.qtext(q) for q in train}
         ex = d / "train_examples.parquet"
         if not ex.exists():
-            write_examples(rows, ex)
-        train_cross(self.cfg, str(ex), str(d), name="mc")
+            write_examples(build_cross_examples(queries, {q: pos[q] for q in parts["rest"]}, negs, self.ptext), ex)
+        raw = train_cross(self.cfg, str(ex), str(d / "train"), name="mc")
+        stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss}
+        if not (d / "model").exists():
+            stats.update(self._calibrate(raw, parts["calib"], pos, negs, d))
+        elif (d / "calibration.json").exists():
+            stats.update(read_json(d / "calibration.json"))
         # M_C's quality: rerank M_D0's test top-k
-        metrics, stats = self._rerank_eval("md0", d)
-        stats.update({"train_pairs": len(rows), "negatives_per_positive": self.cfg.cross.num_negatives})
-        return StageResult(metrics, stats)
+        metrics, rerank_stats = self._rerank_eval("md0", d)
+        return StageResult(metrics, {**stats, **rerank_stats})
+
+    def _calibrate(self, raw: Path, calib: list[str], pos: dict[str, str], negs: dict[str, list[str]],
+                   d: Path) -> dict:
+        """Platt-scale the trained cross-encoder on held-out question groups, save it as `d/model`."""
+        import shutil
+
+        import numpy as np
+
+        from rocketqa_ray.calibration import fit_platt, fold_into_head, logits_from_probs
+        from rocketqa_ray.io import atomic_dir
+        from rocketqa_ray.models import CrossEncoder
+
+        pairs = [(q, p) for q in calib for p in [pos[q], *negs.get(q, [])]]
+        if not calib or not any(negs.get(q) for q in calib):
+            with atomic_dir(d / "model") as tmp:
+                shutil.copytree(raw, tmp, dirs_exist_ok=True)
+            return {"calibrated": False}
+        scores = self._ce_scores(pairs, d / "calib_scores", model_dir=raw)
+        labels = np.array([1.0 if p == pos[q] else 0.0 for q, p in pairs])
+        logits = logits_from_probs(np.array([scores[x] for x in pairs]))
+        a, b = fit_platt(logits, labels)
+        model = CrossEncoder.load(raw)
+        fold_into_head(model.model, a, b)
+        calibrated = 1 / (1 + np.exp(-(a * logits + b)))
+        top1 = [max((scores[(q, p)], p == pos[q]) for p in [pos[q], *negs.get(q, [])])[1] for q in calib]
+        stats = {
+            "calibrated": True, "calib_questions": len(calib), "calib_pairs": len(pairs),
+            "platt_a": round(a, 4), "platt_b": round(b, 4),
+            "calib_top1_acc": round(float(np.mean(top1)), 4),
+            "calib_mean_prob_pos": round(float(calibrated[labels == 1].mean()), 4),
+            "calib_mean_prob_neg": round(float(calibrated[labels == 0].mean()), 4),
+        }
+        write_json(d / "calibration.json", stats)
+        model.save(d / "model", extra_meta={"calibration": stats})
+        log.info("mc: calibrated on %d held-out pairs: %s", len(pairs), json.dumps(stats))
+        return stats
 
     def _rerank_eval(self, stage: str, d: Path) -> tuple[dict, dict]:
         from rocketqa_ray.evaluation import read_trec_run

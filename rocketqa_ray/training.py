@@ -47,13 +47,17 @@ from rocketqa_ray.examples import (  # noqa: F401  (re-exported: the training AP
 )
 from rocketqa_ray.gradcache import cached_backward
 from rocketqa_ray.io import atomic_dir, read_json, write_json
-from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, passage_key, world
+from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, listwise_loss, passage_key, world
 from rocketqa_ray.models import CrossEncoder, DualEncoder, autocast, fingerprint, use_bf16
 
 log = logging.getLogger(__name__)
 
 RUN_DIR_NAME = "ray_train"
 STATE_FILE = "state.pt"
+# `ray.train.report` blocks until the controller has taken the previous report, and the controller
+# polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): metrics-only reports are spaced at least this far
+# apart (log lines and history.json still get every `log_every` step).
+REPORT_MIN_INTERVAL_S = 10.0
 HISTORY_FILE = "history.json"
 SPEC_FILE = "train_spec.json"
 StepHook = Callable[[int, int], None]  # (world rank, finished step) -> None; tests inject faults with it
@@ -158,13 +162,14 @@ def _merge_model_cfg(saved, cfg: Config):
 
 
 class CrossTask:
-    """Cross-encoder batches: (question, passage) pairs -> logits -> binary cross-entropy."""
+    """Cross-encoder batches: question groups (a positive and its negatives) -> logits -> listwise and/or BCE loss."""
 
     kind = "cross"
 
     def __init__(self, cfg: Config, num_negatives: int = 0):
         self.cfg = cfg
         self.tcfg = cfg.cross
+        self.n = num_negatives  # most negatives in a group (the padded group size is 1 + n)
 
     def build(self, init_model: str | None) -> CrossEncoder:
         if init_model:
@@ -172,15 +177,26 @@ class CrossTask:
         return CrossEncoder.from_base(self.cfg.cross.base, self.cfg.cross.max_len)
 
     def sequences_per_row(self) -> int:
-        return 1
+        return 1 + self.n
 
     def loss_backward(self, model: CrossEncoder, rows: list[dict], device: torch.device, bf16: bool,
                       epoch: int = 0) -> torch.Tensor:
-        feats = {k: v.to(device) for k, v in model.tokenize([r["query"] for r in rows], [r["passage"] for r in rows]).items()}
-        labels = torch.tensor([float(r["label"]) for r in rows], device=device)
+        queries = [r["query"] for r in rows for _ in r["passages"]]
+        passages = [p for r in rows for p in r["passages"]]
+        feats = {k: v.to(device) for k, v in model.tokenize(queries, passages).items()}
+        flat_labels = torch.tensor([float(x) for r in rows for x in r["labels"]], device=device)
         with autocast(bf16, device):
             logits = model(feats)
-        loss = bce_loss(logits, labels)
+        loss = torch.zeros((), device=device)
+        if "listwise" in self.tcfg.loss:
+            width = max(len(r["passages"]) for r in rows)
+            slot = torch.tensor([i * width + j for i, r in enumerate(rows) for j in range(len(r["passages"]))], device=device)
+            grid = torch.full((len(rows) * width,), float("-inf"), device=device).index_copy(0, slot, logits.float())
+            lab = torch.zeros(len(rows) * width, device=device).index_copy(0, slot, flat_labels)
+            mask = torch.zeros(len(rows) * width, dtype=torch.bool, device=device).index_fill(0, slot, True)
+            loss = loss + listwise_loss(grid.view(len(rows), width), lab.view(len(rows), width), mask.view(len(rows), width))
+        if "bce" in self.tcfg.loss:
+            loss = loss + bce_loss(logits, flat_labels)
         loss.backward()
         return loss.detach()
 
@@ -236,14 +252,20 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 def _mean_over_workers(value: float, device: torch.device | str = "cpu") -> float:
     """The mean of a per-worker scalar over all workers (`device`: where the backend can reduce, CUDA for NCCL)."""
-    _, size = world()
+    return _sync_log(value, False, device)[0]
+
+
+def _sync_log(loss: float, flag: bool, device: torch.device | str = "cpu") -> tuple[float, bool]:
+    """(mean of `loss` over workers, rank 0's `flag`) in one all-reduce: decisions that must agree on
+    every worker (whether to call `ray.train.report`) are rank 0's."""
+    rank, size = world()
     if size == 1:
-        return value
+        return loss, flag
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([loss, float(flag and rank == 0)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item()) / size
+    return float(t[0].item()) / size, bool(t[1].item() > 0)
 
 
 def _fmt_duration(s: float) -> str:
@@ -335,6 +357,7 @@ def _worker_loop(config: dict) -> None:
     epoch, skip = divmod(step, steps_per_epoch)
     t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
     cpu_last = time.process_time()
+    t_report = -math.inf
     t_start = time.perf_counter()
     while step < total:
         batches = shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
@@ -368,9 +391,10 @@ def _worker_loop(config: dict) -> None:
             if step % max(1, tcfg.log_every) == 0 or do_ckpt:
                 now = time.perf_counter()
                 rate = (step - step_last) / max(now - t_last, 1e-9)
+                mean_loss, due = _sync_log(loss_sum / max(loss_n, 1), now - t_report >= REPORT_MIN_INTERVAL_S, device)
                 metrics = {
                     "step": step, "epoch": round(step / steps_per_epoch, 3),
-                    "loss": round(_mean_over_workers(loss_sum / max(loss_n, 1), device), 5),
+                    "loss": round(mean_loss, 5),
                     "lr": scheduler.get_last_lr()[0], "seq_per_s": round(rate * seqs_per_step, 2),
                     "steps_per_s": round(rate, 4), "eta_s": round((total - step) / max(rate, 1e-9), 1),
                     "elapsed_s": round(now - t_start, 1),
@@ -385,7 +409,9 @@ def _worker_loop(config: dict) -> None:
                     log.info("%s step %d/%d epoch %.2f loss %.4f lr %.2e %.1f seq/s eta %s", name, step, total,
                              metrics["epoch"], metrics["loss"], metrics["lr"], metrics["seq_per_s"],
                              _fmt_duration(metrics["eta_s"]))
-                report(metrics, checkpoint=do_ckpt, final=step == total)
+                if do_ckpt or due:
+                    report(metrics, checkpoint=do_ckpt, final=step == total)
+                    t_report = time.perf_counter()
                 t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
                 cpu_last = time.process_time()
             elif step == start_step + 1:
@@ -440,7 +466,7 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
         raise DataError(f"{examples_path}: {info['rows']} training examples are fewer than one global batch "
                         f"({workers} workers x batch {tcfg.batch_size}); lower {kind}.batch_size or ray.num_workers")
     total = tcfg.max_steps if tcfg.max_steps else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    num_negatives = min(cfg.dual.num_hard_negatives, info["max_negatives"]) if kind == "dual" else 0
+    num_negatives = min(cfg.dual.num_hard_negatives, info["max_negatives"]) if kind == "dual" else info["max_negatives"]
 
     spec = _run_spec(kind, cfg, files, init_model)
     spec_path = out_dir / SPEC_FILE
@@ -519,7 +545,7 @@ def train_dual(cfg: Config, examples_path: str | Path, out_dir: str | Path, init
 
 def train_cross(cfg: Config, examples_path: str | Path, out_dir: str | Path, name: str = "mc", *,
                 init_model: str | None = None, step_hook: StepHook | None = None) -> Path:
-    """Train the cross-encoder (pointwise BCE) from `cfg.cross.base`; returns `out_dir/model`
+    """Train the cross-encoder (`cfg.cross.loss` over question groups) from `cfg.cross.base`; returns `out_dir/model`
     (loadable by `sentence_transformers.CrossEncoder`). Resumes like `train_dual`."""
     return _fit("cross", cfg, examples_path, out_dir, init_model, name, step_hook)
 

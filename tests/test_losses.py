@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from rocketqa_ray.config import Config, ModelConfig
 from rocketqa_ray.gradcache import cached_backward, split_features
-from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, passage_key
+from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, listwise_loss, passage_key
 from rocketqa_ray.models import DualEncoder
 from rocketqa_ray.training import DualTask
 
@@ -74,6 +74,22 @@ def test_bce_loss_matches_formula():
     assert bce_loss(logits, labels).item() == pytest.approx(manual, rel=1e-6)
     with pytest.raises(ValueError, match="shape"):
         bce_loss(logits, labels[:2])
+
+
+def test_listwise_loss_is_softmax_cross_entropy_per_group_with_padding_masked():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 3.0, 9.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])  # group 2 has one negative; slot 3 is padding
+    loss = listwise_loss(logits, labels, mask)
+    g1 = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(0.5) + math.exp(-1.0)))
+    g2 = -math.log(math.exp(0.1) / (math.exp(0.1) + math.exp(3.0)))  # the padded 9.0 must not count
+    assert loss.item() == pytest.approx((g1 + g2) / 2, rel=1e-6)
+    loss.backward()
+    assert logits.grad[1, 2].item() == 0.0 and torch.isfinite(logits.grad).all()
+    # a better-ranked positive lowers the loss
+    assert listwise_loss(torch.tensor([[5.0, 0.5, -1.0]]), labels[:1]).item() < listwise_loss(logits[:1].detach(), labels[:1]).item()
+    with pytest.raises(ValueError, match="positive"):
+        listwise_loss(logits.detach(), torch.zeros(2, 3))
 
 
 # ----------------------------------------------------------------------------------- gradient caching

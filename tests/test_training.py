@@ -14,6 +14,7 @@ import torch
 from rocketqa_ray.config import Config, ModelConfig, load_config
 from rocketqa_ray.data import load_beir, load_corpus
 from rocketqa_ray.errors import ConfigError, DataError
+from rocketqa_ray.examples import build_cross_examples
 from rocketqa_ray.losses import contrastive_loss
 from rocketqa_ray.models import DualEncoder
 from rocketqa_ray.training import (
@@ -191,7 +192,7 @@ def test_bad_examples_fail_with_a_clear_message(tmp_path):
     cfg = _tiny_cfg()
     with pytest.raises(DataError, match="not found"):
         train_dual(cfg, str(tmp_path / "missing.parquet"), str(tmp_path / "out"))
-    write_examples([{"query": "q", "passage": "p", "label": 1.0, "group": 0}], tmp_path / "cross.parquet")
+    write_examples([{"qid": "1", "query": "q", "passages": ["p", "n"], "labels": [1.0, 0.0]}], tmp_path / "cross.parquet")
     with pytest.raises(DataError, match="lack column"):
         train_dual(cfg, str(tmp_path / "cross.parquet"), str(tmp_path / "out"))
     write_examples(_rows(2 * B)[:3], tmp_path / "few.parquet")
@@ -243,20 +244,22 @@ def test_train_cross_exports_a_sentence_transformers_cross_encoder(ray_session, 
     data = load_beir(mini_data_dir)
     corpus = load_corpus(data.corpus_path)
     pids = sorted(corpus)
-    rows = []
-    for g, qid in enumerate(sorted(data.split("train"))[:64]):
-        pos = next(iter(data.split("train")[qid]))
-        neg = pids[(g * 7) % len(pids)]
-        for pid, label in ((pos, 1.0), (neg, 0.0)):
-            rows.append({"query": data.queries[qid]["text"], "passage": passage_text(corpus[pid]["title"], corpus[pid]["text"]),
-                         "label": label, "group": g})
+    qids = sorted(data.split("train"))[:64]
+    pos = {q: next(iter(data.split("train")[q])) for q in qids}
+    # groups of different sizes (1-2 negatives): the listwise loss pads and masks the short ones
+    negs = {q: [pids[(g * 7 + j) % len(pids)] for j in range(1 + g % 2)] for g, q in enumerate(qids)}
+    rows = build_cross_examples({q: data.queries[q]["text"] for q in qids}, pos, negs,
+                                lambda p: passage_text(corpus[p]["title"], corpus[p]["text"]))
     write_examples(rows, tmp_path / "cross.parquet")
-    cfg = _tiny_cfg("cross.max_steps=12", "cross.batch_size=8", "ray.num_workers=1")
+    cfg = _tiny_cfg("cross.max_steps=12", "cross.batch_size=4", "ray.num_workers=1", "cross.loss=listwise+bce")
     model_dir = train_cross(cfg, str(tmp_path / "cross.parquet"), str(tmp_path / "mc"))
     history = read_history(tmp_path / "mc")
     assert history[-1]["step"] == 12
-    ours = CrossEncoder.load(model_dir).score([r["query"] for r in rows[:6]], [r["passage"] for r in rows[:6]], bf16="false")
-    st = STCrossEncoder(str(model_dir), device="cpu").predict([(r["query"], r["passage"]) for r in rows[:6]])
+    assert history[-1]["seq_per_s"] > 0
+    qs = [r["query"] for r in rows[:3] for _ in r["passages"]]
+    ps = [p for r in rows[:3] for p in r["passages"]]
+    ours = CrossEncoder.load(model_dir).score(qs, ps, bf16="false")
+    st = STCrossEncoder(str(model_dir), device="cpu").predict(list(zip(qs, ps)))
     np.testing.assert_allclose(st, ours, atol=1e-4)
 
 

@@ -1,0 +1,45 @@
+"""Platt scaling folded into a real (tiny) cross-encoder's head."""
+
+import numpy as np
+import pytest
+import torch
+
+from rocketqa_ray.calibration import fit_platt, fold_into_head, logits_from_probs
+from rocketqa_ray.errors import DataError
+from rocketqa_ray.models import CrossEncoder
+
+
+def test_fit_platt_recovers_the_generating_parameters():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, 20_000)
+    y = (rng.random(x.size) < 1 / (1 + np.exp(-(0.4 * x - 1.5)))).astype(float)
+    a, b = fit_platt(x, y)
+    assert a == pytest.approx(0.4, abs=0.03) and b == pytest.approx(-1.5, abs=0.08)
+
+
+def test_fit_platt_needs_both_labels():
+    with pytest.raises(DataError, match="both labels"):
+        fit_platt(np.array([0.1, 2.0]), np.array([1.0, 1.0]))
+
+
+def test_logits_from_probs_inverts_sigmoid_and_clips():
+    z = np.array([-3.0, 0.0, 2.5])
+    np.testing.assert_allclose(logits_from_probs(1 / (1 + np.exp(-z))), z, atol=1e-6)
+    assert np.isfinite(logits_from_probs(np.array([0.0, 1.0]))).all()
+
+
+def test_fold_into_head_maps_every_logit_and_survives_save_load(tmp_path):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    ce = CrossEncoder.from_base("tiny", 32)
+    qs, ps = ["who wrote it", "where is it", "when"], ["someone wrote it", "it is here", "yesterday at noon"]
+    ce.eval()
+    with torch.no_grad():
+        before = ce(ce.tokenize(qs, ps)).numpy()
+    fold_into_head(ce.model, 2.5, -0.7)
+    with torch.no_grad():
+        after = ce(ce.tokenize(qs, ps)).numpy()
+    np.testing.assert_allclose(after, 2.5 * before - 0.7, rtol=1e-5, atol=1e-5)
+    ce.save(tmp_path / "ce")
+    st = STCrossEncoder(str(tmp_path / "ce"), device="cpu").predict(list(zip(qs, ps)))
+    np.testing.assert_allclose(st, 1 / (1 + np.exp(-after)), atol=1e-5)
