@@ -1,14 +1,21 @@
-"""Platt scaling for the cross-encoder, folded into its classifier head (Ray-free).
+"""Calibrating the cross-encoder, and fusing it with the retriever's score (Ray-free).
 
 A listwise-trained cross-encoder ranks well but its sigmoid scores are not probabilities, while
 denoising and pseudo-labelling threshold them as probabilities (paper: < 0.1 negative, > 0.9 positive).
-Fitting p = sigmoid(a * logit + b) on held-out labelled pairs and folding a, b into the last linear
-layer keeps the saved model a plain `sentence_transformers.CrossEncoder` whose scores are calibrated.
+Fitting p = sigmoid(a * logit + b) on held-out labelled pairs (Platt scaling) and folding a, b into the
+last linear layer keeps the saved model a plain `sentence_transformers.CrossEncoder` whose scores are
+calibrated.
+
+`Fusion` goes one step further: a logistic regression over (calibrated cross-encoder logit, dense score),
+fit on the same held-out pairs. A small cross-encoder trained for minutes knows things the dual encoder
+does not and vice versa; the fused probability ranks better than either (measured in the README) and is
+still a probability, so the same thresholds apply. It is stored in the cross-encoder's folder.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,29 +24,66 @@ from torch import nn
 from rocketqa_ray.errors import DataError
 
 
-def fit_platt(logits: np.ndarray, labels: np.ndarray, steps: int = 200) -> tuple[float, float]:
-    """(a, b) minimising the binary cross-entropy of sigmoid(a * logit + b) against `labels` [N] in {0, 1}.
+def fit_logistic(features: np.ndarray, labels: np.ndarray, steps: int = 200) -> tuple[np.ndarray, float]:
+    """(w [k], b) minimising the binary cross-entropy of sigmoid(features @ w + b) against `labels` [N].
 
-    Needs both classes. L-BFGS on two parameters converges in a few iterations.
+    features [N, k]; labels in {0, 1}; needs both classes. L-BFGS on k + 1 parameters converges in a few
+    iterations; weights start at 1 so a single well-scaled feature starts at the identity.
     """
-    x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    x = torch.as_tensor(np.asarray(features, dtype=np.float64))
     y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
-    if x.shape != y.shape or x.dim() != 1:
-        raise ValueError(f"expected logits and labels [N], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"expected features [N, k] and labels [N], got {tuple(x.shape)} and {tuple(y.shape)}")
     if not (bool((y > 0.5).any()) and bool((y < 0.5).any())):
         raise DataError("calibration needs held-out pairs of both labels (positives and negatives)")
-    a = torch.ones((), dtype=torch.float64, requires_grad=True)
+    w = torch.ones(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, b], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(a * x + b, y)
+        loss = nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(a.detach()), float(b.detach())
+    return w.detach().numpy(), float(b.detach())
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray, steps: int = 200) -> tuple[float, float]:
+    """(a, b) minimising the binary cross-entropy of sigmoid(a * logit + b) against `labels` [N] in {0, 1}."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 1:
+        raise ValueError(f"expected logits [N], got shape {logits.shape}")
+    w, b = fit_logistic(logits[:, None], labels, steps)
+    return float(w[0]), b
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """p = sigmoid(ce * logit(cross-encoder probability) + dense * retriever score + bias)."""
+
+    ce: float
+    dense: float
+    bias: float
+
+    def __call__(self, ce_probs: np.ndarray, dense_scores: np.ndarray) -> np.ndarray:
+        z = self.ce * logits_from_probs(ce_probs) + self.dense * np.asarray(dense_scores, dtype=np.float64) + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_dict(self) -> dict:
+        return {"ce": self.ce, "dense": self.dense, "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Fusion | None:
+        return cls(float(d["ce"]), float(d["dense"]), float(d["bias"])) if d else None
+
+
+def fit_fusion(ce_probs: np.ndarray, dense_scores: np.ndarray, labels: np.ndarray) -> Fusion:
+    """The logistic fusion of calibrated cross-encoder probabilities [N] and dense scores [N] for `labels` [N]."""
+    x = np.stack([logits_from_probs(ce_probs), np.asarray(dense_scores, dtype=np.float64)], axis=1)
+    w, b = fit_logistic(x, labels)
+    return Fusion(float(w[0]), float(w[1]), b)
 
 
 def logits_from_probs(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:

@@ -87,6 +87,9 @@ class CrossConfig:
     # Fraction of the question groups held out of training to calibrate the scores into probabilities
     # (Platt scaling folded into the classifier head); 0 = keep raw sigmoid scores.
     calibration_fraction: float = 0.1
+    # Also fit a logistic fusion of the calibrated score with the retriever's score on the held-out groups;
+    # reranking and pseudo-labelling then use the fused probability (calibration.Fusion).
+    fusion: bool = True
     epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.1

@@ -119,6 +119,17 @@ def pseudo_label(candidates: Ranked, scores: Scores, pos_threshold: float, neg_t
     return PseudoLabels(positives, negatives, stats)
 
 
+def fuse_scores(ranked: dict[str, list[tuple[str, float]]], scores: Scores, fusion) -> Scores:
+    """Cross-encoder probabilities fused with the retriever scores in `ranked` (`calibration.Fusion`), for the
+    pairs of `scores`."""
+    import numpy as np
+
+    dense = {(q, p): s for q, items in ranked.items() for p, s in items}
+    keys = [k for k in scores if k in dense]
+    fused = fusion(np.array([scores[k] for k in keys]), np.array([dense[k] for k in keys]))
+    return {k: float(v) for k, v in zip(keys, fused)}
+
+
 def rerank(ranked: dict[str, list[tuple[str, float]]], scores: Scores, top: int) -> dict[str, dict[str, float]]:
     """Re-order each question's top `top` by cross-encoder score; the tail keeps the dual encoder's order below.
 

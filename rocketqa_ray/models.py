@@ -288,6 +288,7 @@ class CrossEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = max_len
+        self.fusion: dict | None = None
 
     @classmethod
     def from_base(cls, base: str, max_len: int = 160) -> CrossEncoder:
@@ -308,7 +309,9 @@ class CrossEncoder(nn.Module):
             raise ConfigError(f"{path} is not a saved cross-encoder folder (no config.json)")
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         model = AutoModelForSequenceClassification.from_pretrained(path)
-        return cls(model, AutoTokenizer.from_pretrained(path), int(meta.get("max_len", 160)))
+        ce = cls(model, AutoTokenizer.from_pretrained(path), int(meta.get("max_len", 160)))
+        ce.fusion = meta.get("fusion")  # weights for fusing with the retriever's score (calibration.Fusion)
+        return ce
 
     def save(self, path: str | Path, extra_meta: dict | None = None) -> Path:
         path = Path(path)

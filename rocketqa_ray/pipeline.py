@@ -21,7 +21,15 @@ from rocketqa_ray.data import BeirData, holdout, load_beir, load_corpus, load_un
 from rocketqa_ray.errors import DataError, StageConfigChanged
 from rocketqa_ray.evaluation import full_report, run_from_arrays, write_trec_run
 from rocketqa_ray.io import read_json, write_json
-from rocketqa_ray.mining import answer_rates, denoise, exclude_gold, pseudo_label, rerank, sample_negatives
+from rocketqa_ray.mining import (
+    answer_rates,
+    denoise,
+    exclude_gold,
+    fuse_scores,
+    pseudo_label,
+    rerank,
+    sample_negatives,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +230,19 @@ class Pipeline:
         run = {q: dict(items) for q, items in ranked.items()}
         return self._evaluate(run, d, name), index
 
+    def _heldout_eval(self, model_dir: Path, index) -> dict:
+        """MRR@10 / R@20 on the step-4 questions whose labels are hidden (none of steps 1-3 train on them): a
+        dev figure for choosing settings without looking at the test split."""
+        from rocketqa_ray.evaluation import evaluate_run
+
+        qrels = self.data.split(self.cfg.data.train_split)
+        qids = [q for q in self.splits.pseudo if q in qrels]
+        if not qids:
+            return {}
+        ranked = self._retrieve(model_dir, index, qids, 20)
+        m = evaluate_run({q: dict(v) for q, v in ranked.items()}, {q: qrels[q] for q in qids}, ("mrr@10", "recall@20"))
+        return {"heldout_questions": len(qids), **{f"heldout_{k}": v for k, v in m.items()}}
+
     def _ce_scores(self, pairs: list[tuple[str, str]], d: Path,
                    model_dir: Path | None = None) -> dict[tuple[str, str], float]:
         """Cross-encoder probabilities for (qid, pid) pairs, through the Ray Data scoring job (resumable)."""
@@ -282,8 +303,8 @@ class Pipeline:
         model_dir = d / "model"
         if not model_dir.exists():
             DualEncoder.from_base(self.cfg.model).save(model_dir)
-        metrics, _ = self._dense_eval(model_dir, d, "zero_shot")
-        return StageResult(metrics)
+        metrics, index = self._dense_eval(model_dir, d, "zero_shot")
+        return StageResult(metrics, self._heldout_eval(model_dir, index))
 
     # ------------------------------------------------------------------------------------ step 1
     def _md0(self, d: Path, cfg: Config) -> StageResult:
@@ -292,7 +313,8 @@ class Pipeline:
         model_dir = self._train_dual(d, rows, cfg)
         metrics, index = self._dense_eval(model_dir, d, d.name)
         stats = {"train_questions": len(train), "cross_batch": cfg.dual.cross_batch, "workers": cfg.ray.num_workers,
-                 "negatives_per_query": cfg.dual.batch_size * (cfg.ray.num_workers if cfg.dual.cross_batch else 1) - 1}
+                 "negatives_per_query": cfg.dual.batch_size * (cfg.ray.num_workers if cfg.dual.cross_batch else 1) - 1,
+                 **self._heldout_eval(model_dir, index)}
         if d.name == "md0":
             qrels = self.data.split(self.cfg.data.train_split)
             k = self.cfg.mining.top_k
@@ -338,7 +360,7 @@ class Pipeline:
 
         import numpy as np
 
-        from rocketqa_ray.calibration import fit_platt, fold_into_head, logits_from_probs
+        from rocketqa_ray.calibration import fit_fusion, fit_platt, fold_into_head, logits_from_probs
         from rocketqa_ray.io import atomic_dir
         from rocketqa_ray.models import CrossEncoder
 
@@ -354,18 +376,51 @@ class Pipeline:
         model = CrossEncoder.load(raw)
         fold_into_head(model.model, a, b)
         calibrated = 1 / (1 + np.exp(-(a * logits + b)))
-        top1 = [max((scores[(q, p)], p == pos[q]) for p in [pos[q], *negs.get(q, [])])[1] for q in calib]
+
+        def top1(score: np.ndarray) -> float:
+            by_q: dict[str, list[tuple[float, bool]]] = {}
+            for (q, p), v in zip(pairs, score):
+                by_q.setdefault(q, []).append((float(v), p == pos[q]))
+            return round(float(np.mean([max(v)[1] for v in by_q.values()])), 4)
+
         stats = {
             "calibrated": True, "calib_questions": len(calib), "calib_pairs": len(pairs),
             "platt_a": round(a, 4), "platt_b": round(b, 4),
-            "calib_top1_acc": round(float(np.mean(top1)), 4),
+            "calib_top1_acc": top1(calibrated),
             "calib_mean_prob_pos": round(float(calibrated[labels == 1].mean()), 4),
             "calib_mean_prob_neg": round(float(calibrated[labels == 0].mean()), 4),
         }
+        if self.cfg.cross.fusion:
+            dense = self._dense_scores("md0", pairs)
+            fusion = fit_fusion(calibrated, dense, labels)
+            model.fusion = fusion.to_dict()
+            stats.update({"fusion": fusion.to_dict(), "calib_top1_acc_dense": top1(dense),
+                          "calib_top1_acc_fused": top1(fusion(calibrated, dense))})
         write_json(d / "calibration.json", stats)
-        model.save(d / "model", extra_meta={"calibration": stats})
+        model.save(d / "model", extra_meta={"calibration": stats, "fusion": model.fusion})
         log.info("mc: calibrated on %d held-out pairs: %s", len(pairs), json.dumps(stats))
         return stats
+
+    def _dense_scores(self, stage: str, pairs: list[tuple[str, str]]):
+        """A dense stage's scores q . p for (qid, pid) pairs, from its corpus embeddings (queries encoded here)."""
+        import numpy as np
+
+        from rocketqa_ray.encoding import load_embeddings
+        from rocketqa_ray.models import DualEncoder
+
+        model = DualEncoder.load(self.stage_dir(stage) / "model")
+        ids, emb = load_embeddings(self.stage_dir(stage) / "embeddings")
+        row = {pid: i for i, pid in enumerate(ids)}
+        qids = sorted({q for q, _ in pairs})
+        qemb = dict(zip(qids, model.encode([self.qtext(q) for q in qids], "query", self.cfg.encode.batch_size,
+                                           self.cfg.encode.bf16)))
+        return np.array([float(qemb[q] @ emb[row[p]]) for q, p in pairs])
+
+    def _fusion(self):
+        from rocketqa_ray.calibration import Fusion
+
+        meta = self.stage_dir("mc") / "model" / "rocketqa_ray.json"
+        return Fusion.from_dict(read_json(meta).get("fusion")) if self.cfg.cross.fusion and meta.exists() else None
 
     def _rerank_eval(self, stage: str, d: Path) -> tuple[dict, dict]:
         from rocketqa_ray.evaluation import read_trec_run
@@ -375,7 +430,14 @@ class Pipeline:
         top = self.cfg.eval.rerank_top_k
         pairs = [(q, p) for q, items in ranked.items() for p, _ in items[:top]]
         scores = self._ce_scores(pairs, d / "test_scores")
-        return self._evaluate(rerank(ranked, scores, top), d, d.name), {"reranked_depth": top, "pairs_scored": len(pairs)}
+        stats: dict = {"reranked_depth": top, "pairs_scored": len(pairs)}
+        fusion = self._fusion()
+        if fusion is not None:
+            # the cross-encoder alone, for comparison; the row in the report is the fused reranker
+            ce_only = self._evaluate(rerank(ranked, scores, top), d, d.name)
+            stats.update({"scores": "fused", **{f"ce_only_{k}": v for k, v in ce_only.items() if k in ("mrr@10", "recall@5")}})
+            scores = fuse_scores(ranked, scores, fusion)
+        return self._evaluate(rerank(ranked, scores, top), d, d.name), stats
 
     # ------------------------------------------------------------------------------------ step 3
     def _md1(self, d: Path, denoised: bool) -> StageResult:
@@ -399,6 +461,7 @@ class Pipeline:
         model_dir = self._train_dual(d, rows, init=init)
         metrics, index = self._dense_eval(model_dir, d, d.name)
         stats["train_questions"] = len(rows)
+        stats.update(self._heldout_eval(model_dir, index))
         return StageResult(metrics, stats)
 
     def _stage_md1(self, d: Path) -> StageResult:
@@ -423,6 +486,9 @@ class Pipeline:
             ranked = self._retrieve(md1_model, index, pseudo_q, m.pseudo_top_k)
             cands = {q: [p for p, _ in v] for q, v in ranked.items()}
             scores = self._ce_scores([(q, p) for q, ps in cands.items() for p in ps], d / "pseudo_scores")
+            fusion = self._fusion()
+            if fusion is not None:
+                scores = fuse_scores(ranked, scores, fusion)
             hidden = {q: self.data.split(self.cfg.data.train_split)[q] for q in pseudo_q
                       if q in self.data.split(self.cfg.data.train_split)}
             pl = pseudo_label(cands, scores, m.pseudo_pos_threshold, m.pseudo_neg_threshold,

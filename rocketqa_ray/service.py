@@ -55,6 +55,15 @@ class RunArtifacts:
     corpus_path: Path
 
     @property
+    def fusion(self) -> dict | None:
+        """The cross-encoder's fusion weights with the retriever score (`calibration.Fusion`), if it has them
+        and the run's config uses them."""
+        meta = self.cross_dir / "rocketqa_ray.json" if self.cross_dir is not None else None
+        if meta is None or not meta.exists() or not self.cfg.cross.fusion:
+            return None
+        return json.loads(meta.read_text(encoding="utf-8")).get("fusion")
+
+    @property
     def rerank_message(self) -> str | None:
         if self.cross_dir is not None:
             return None
@@ -231,12 +240,20 @@ def rerank_texts(hits: list[dict]) -> list[str]:
     return [passage_text(h["title"], h["text"]) for h in hits]
 
 
-def combine(hits: list[dict], top_k: int, ce_scores: np.ndarray | None = None) -> list[dict]:
-    """Final results: reranked by cross-encoder probability when given (dense score kept), best first."""
+def combine(hits: list[dict], top_k: int, ce_scores: np.ndarray | None = None, fusion: dict | None = None) -> list[dict]:
+    """Final results, best first: reranked by cross-encoder probability when given, or by its fusion with
+    the dense score (`calibration.Fusion`, as the pipeline's rerank stages) when `fusion` is given; the
+    dense and cross-encoder scores are kept in each hit."""
     out = [dict(h, dense_score=h["score"]) for h in hits]
     if ce_scores is not None:
-        for h, s in zip(out, ce_scores):
+        final = np.asarray(ce_scores, dtype=np.float64)
+        if fusion and len(out):
+            from rocketqa_ray.calibration import Fusion
+
+            final = Fusion.from_dict(fusion)(final, np.array([h["score"] for h in out]))
+        for h, s, c in zip(out, final, ce_scores):
             h["score"] = float(s)
+            h["ce_score"] = float(c)
         # Stable sort: equal cross-encoder scores keep the retriever's order.
         order = sorted(range(len(out)), key=lambda i: -out[i]["score"])
         out = [out[i] for i in order]
@@ -343,16 +360,16 @@ class SearchService:
         scores = self.reranker.score_many([(query, rerank_texts(hits))])[0] if do_rerank else None
         t3 = time.perf_counter()
         message = self.arts.rerank_message if rerank and self.reranker is None else None
-        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message)
+        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message, self.arts.fusion)
 
 
 def search_response(hits: Any, top_k: int, scores: Any, reranked: bool, times: tuple[float, float, float, float],
-                    message: str | None = None) -> dict[str, Any]:
+                    message: str | None = None, fusion: dict | None = None) -> dict[str, Any]:
     """The /search JSON body (shared by the in-process service and the Serve ingress): results plus
     per-step timings from the four perf_counter marks (start, encoded, retrieved, reranked)."""
     t0, t1, t2, t3 = times
     out: dict[str, Any] = {
-        "results": combine(hits, top_k, scores),
+        "results": combine(hits, top_k, scores, fusion),
         "reranked": reranked,
         "timings_ms": {"encode": 1e3 * (t1 - t0), "retrieve": 1e3 * (t2 - t1), "rerank": 1e3 * (t3 - t2),
                        "total": 1e3 * (t3 - t0)},
@@ -403,6 +420,9 @@ def _spread_head(ce: Any, questions: list[str], passages: list[str], std: float 
         head.bias.copy_((head.bias - logits.mean()) * scale)
 
 
+DEMO_FUSION = {"ce": 1.0, "dense": 2.0, "bias": -0.5}
+
+
 def make_demo_run_dir(out: str | Path, n_passages: int = 200, data_dir: str | Path | None = None,
                       with_reranker: bool = True, preset: str = "tiny") -> Path:
     """A small servable RUN_DIR: an untrained dual encoder (stage md2) with a flat index over
@@ -437,7 +457,8 @@ def make_demo_run_dir(out: str | Path, n_passages: int = 200, data_dir: str | Pa
         ce = CrossEncoder.from_base(cfg.cross.base, max_len=cfg.cross.max_len)
         qtexts = [v["text"] for v in queries.values()][:32]
         _spread_head(ce, qtexts, [passage_text(p["title"], p["text"]) for p in passages[: len(qtexts)]])
-        ce.save(out / CROSS_STAGE / "model")
+        # Fusion weights as the pipeline's mc stage fits them, so a demo serves the fused rerank path too.
+        ce.save(out / CROSS_STAGE / "model", extra_meta={"fusion": DEMO_FUSION})
         write_json(out / CROSS_STAGE / "_COMPLETE.json", {"stage": CROSS_STAGE, "demo": True})
     write_json(out / "config.json", cfg.to_dict())
     return out

@@ -217,7 +217,7 @@ class SearchIngress:
             scores = await self._call("reranker", lambda: self.reranker.rerank.remote(query, texts))
         t3 = time.perf_counter()
         message = self.info["rerank_message"] if rerank and self.reranker is None else None
-        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message)
+        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message, self.info.get("fusion"))
 
 
 # ------------------------------------------------------------------------------------------ application
@@ -299,6 +299,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     info = {
         "stage": arts.stage, "model": str(arts.model_dir), "model_fingerprint": fp,
         "reranker": str(arts.cross_dir) if arts.cross_dir else None, "rerank_message": arts.rerank_message,
+        "fusion": arts.fusion,
         "batching": app_args.batching, "max_batch_size": scfg.max_batch_size, "rerank_top_k": scfg.rerank_top_k,
         "max_query_chars": scfg.max_query_chars, "max_top_k": MAX_TOP_K, "device": device,
     }

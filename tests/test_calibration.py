@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rocketqa_ray.calibration import fit_platt, fold_into_head, logits_from_probs
+from rocketqa_ray.calibration import Fusion, fit_fusion, fit_platt, fold_into_head, logits_from_probs
 from rocketqa_ray.errors import DataError
 from rocketqa_ray.models import CrossEncoder
 
@@ -43,3 +43,23 @@ def test_fold_into_head_maps_every_logit_and_survives_save_load(tmp_path):
     ce.save(tmp_path / "ce")
     st = STCrossEncoder(str(tmp_path / "ce"), device="cpu").predict(list(zip(qs, ps)))
     np.testing.assert_allclose(st, 1 / (1 + np.exp(-after)), atol=1e-5)
+
+
+def test_fit_fusion_weighs_the_informative_score_and_ranks_better_than_either():
+    rng = np.random.default_rng(1)
+    n = 6000
+    y = (rng.random(n) < 0.3).astype(float)
+    ce_logit = 1.5 * y + rng.normal(0, 1.2, n)  # two noisy views of the label
+    dense = 0.1 * y + rng.normal(0, 0.08, n)
+    ce_prob = 1 / (1 + np.exp(-ce_logit))
+    fusion = fit_fusion(ce_prob, dense, y)
+    assert fusion.ce > 0 and fusion.dense > 0
+    fused = fusion(ce_prob, dense)
+    assert ((fused >= 0) & (fused <= 1)).all()
+
+    def auc(s):
+        pos, neg = s[y == 1], s[y == 0]
+        return (pos[:, None] > neg[None, :]).mean()
+
+    assert auc(fused) > max(auc(ce_prob), auc(dense)) + 0.01
+    assert Fusion.from_dict(fusion.to_dict()) == fusion and Fusion.from_dict(None) is None

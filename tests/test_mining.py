@@ -3,7 +3,15 @@
 import pytest
 
 from rocketqa_ray.evaluation import has_answer
-from rocketqa_ray.mining import answer_rates, denoise, exclude_gold, pseudo_label, rerank, sample_negatives
+from rocketqa_ray.mining import (
+    answer_rates,
+    denoise,
+    exclude_gold,
+    fuse_scores,
+    pseudo_label,
+    rerank,
+    sample_negatives,
+)
 
 
 def test_exclude_gold_removes_positives_and_cuts_depth():
@@ -54,6 +62,21 @@ def test_rerank_reorders_head_and_keeps_tail():
     scores = {("q", "a"): 0.1, ("q", "b"): 0.9, ("q", "c"): 0.5}
     run = rerank(ranked, scores, top=3)
     assert [p for p, _ in sorted(run["q"].items(), key=lambda x: -x[1])] == ["b", "c", "a", "d"]
+
+
+def test_fused_rerank_lets_a_strong_dense_score_overrule_a_close_cross_encoder_call():
+    from rocketqa_ray.calibration import Fusion
+
+    ranked = {"q": [("a", 0.9), ("b", 0.5), ("c", 0.4)]}
+    scores = {("q", "a"): 0.45, ("q", "b"): 0.5, ("q", "c"): 0.05}
+    fused = fuse_scores(ranked, scores, Fusion(ce=1.0, dense=10.0, bias=-5.0))
+    assert set(fused) == set(scores) and all(0 < v < 1 for v in fused.values())
+    def order(sc):
+        return [p for p, _ in sorted(rerank(ranked, sc, top=3)["q"].items(), key=lambda x: -x[1])]
+    assert order(scores) == ["b", "a", "c"]  # the cross-encoder alone
+    assert order(fused) == ["a", "b", "c"]  # dense 0.9 vs 0.5 outweighs 0.45 vs 0.5
+    # no dense score for a pair: it is left out rather than guessed
+    assert ("q", "z") not in fuse_scores(ranked, {**scores, ("q", "z"): 0.9}, Fusion(1.0, 1.0, 0.0))
 
 
 def test_sample_negatives_is_deterministic_and_bounded():

@@ -97,6 +97,7 @@ class Offline:
         self.dual = DualEncoder.load(arts.model_dir)
         self.index = DenseIndex.load(arts.index_dir)
         self.ce = CrossEncoder.load(arts.cross_dir) if arts.cross_dir else None
+        self.fusion = arts.fusion
         self.texts = {p["_id"]: passage_text(p["title"], p["text"]) for p in iter_corpus(arts.corpus_path)}
         self.rerank_top_k = arts.cfg.serve.rerank_top_k
 
@@ -105,9 +106,14 @@ class Offline:
         return self.index.search_ids(emb, k)[0]
 
     def reranked(self, query: str, k: int) -> list[tuple[str, float]]:
-        """All max(k, rerank_top_k) candidates by cross-encoder score (the service returns the first k)."""
+        """All max(k, rerank_top_k) candidates by cross-encoder score fused with the dense score as the
+        pipeline's mc stage defines it (the service returns the first k)."""
         cands = self.dense(query, max(k, self.rerank_top_k))
         scores = self.ce.score([query] * len(cands), [self.texts[p] for p, _ in cands], bf16=self.bf16, device="cpu")
+        if self.fusion:
+            p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
+            z = self.fusion["ce"] * np.log(p / (1 - p)) + self.fusion["dense"] * np.array([s for _, s in cands]) + self.fusion["bias"]
+            scores = 1 / (1 + np.exp(-z))
         order = sorted(range(len(cands)), key=lambda i: -scores[i])  # stable: ties keep the dense order
         return [(cands[i][0], float(scores[i])) for i in order]
 
@@ -234,6 +240,8 @@ def test_results_equal_offline_computation(service, offline, queries, rerank):
         assert set(body["timings_ms"]) == {"encode", "retrieve", "rerank", "total"}
         ref = offline.reranked(q, k) if rerank else offline.dense(q, k + 20)
         assert_same_ranking(body["results"], ref, k)
+        if rerank:  # the fused path: the demo's cross-encoder carries fusion weights
+            assert offline.fusion and all("ce_score" in h for h in body["results"])
         for h in body["results"]:
             assert offline.texts[h["id"]].endswith(h["text"]) and h["title"] in offline.texts[h["id"]]
 
