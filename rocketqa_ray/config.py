@@ -64,6 +64,7 @@ class DualTrainConfig:
     grad_cache: bool = False
     grad_cache_chunk: int = 16
     gradient_checkpointing: bool = False
+    length_buckets: int = 4  # forward passages in this many length-sorted chunks (less padding); 1 = one batch
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: str = "auto"  # auto (CPU with avx512_bf16 or CUDA) | true | false
     checkpoint_every: int = 0  # steps; 0 = only at the end of each epoch
@@ -94,6 +95,7 @@ class CrossConfig:
     max_steps: int | None = None
     warmup_ratio: float = 0.1
     num_negatives: int = 3  # sampled from M_D0's top `mining.top_k` for each positive
+    length_buckets: int = 4  # forward pairs in this many length-sorted chunks (less padding); 1 = one batch
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: str = "auto"
     checkpoint_every: int = 0

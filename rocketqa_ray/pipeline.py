@@ -53,7 +53,8 @@ STAGE_DEPS = {
     "md1_undenoised": ("md0",), "md2": ("md1", "mc"), "md2_rerank": ("md2", "mc"),
 }
 # Keys that change how fast, not what, a stage computes.
-_IGNORED = {"dual": ("log_every", "checkpoint_every"), "cross": ("log_every", "checkpoint_every")}
+_IGNORED = {"dual": ("log_every", "checkpoint_every", "length_buckets"),
+            "cross": ("log_every", "checkpoint_every", "length_buckets")}
 
 
 @dataclass

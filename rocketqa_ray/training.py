@@ -76,6 +76,25 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def length_bucketed(lengths: list[int], buckets: int, run: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """`run(indices)` on `buckets` chunks of similar length, outputs concatenated back in input order.
+
+    A batch padded to its longest text wastes most of its compute when lengths vary (squad passages:
+    median 148 tokens, 99th percentile 378); chunks sorted by length pad far less. The graph is kept, so
+    the loss and gradients are those of one forward over the whole batch (up to dropout draws).
+    """
+    n = len(lengths)
+    if buckets <= 1 or n <= 1:
+        return run(list(range(n)))
+    order = sorted(range(n), key=lengths.__getitem__)
+    size = math.ceil(n / min(buckets, n))
+    chunks = [order[i : i + size] for i in range(0, n, size)]
+    out = torch.cat([run(c) for c in chunks])
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor([i for c in chunks for i in c])] = torch.arange(n)
+    return out[inverse.to(out.device)]
+
+
 class DualTask:
     """Dual-encoder batches: tokenise, encode (optionally with gradient caching), contrastive loss, backward."""
 
@@ -129,7 +148,6 @@ class DualTask:
         """Forward and backward for this worker's rows; returns the detached loss (scalar)."""
         queries, passages, keys = self.batch(rows, epoch)
         qf = {k: v.to(device) for k, v in model.tokenize(queries, "query").items()}
-        pf = {k: v.to(device) for k, v in model.tokenize(passages, "passage").items()}
 
         def enc_q(f: dict) -> torch.Tensor:
             with autocast(bf16, device):
@@ -144,8 +162,15 @@ class DualTask:
                                     cross_batch=self.tcfg.cross_batch)
 
         if self.tcfg.grad_cache:
+            pf = {k: v.to(device) for k, v in model.tokenize(passages, "passage").items()}
             return cached_backward([(enc_q, qf), (enc_p, pf)], loss_fn, self.tcfg.grad_cache_chunk)
-        loss = loss_fn(enc_q(qf), enc_p(pf))
+
+        def enc_p_chunk(idx: list[int]) -> torch.Tensor:
+            return enc_p({k: v.to(device) for k, v in model.tokenize([passages[i] for i in idx], "passage").items()})
+
+        q = enc_q(qf)  # queries first: the same dropout draws as the cached path
+        p = length_bucketed([len(t) for t in passages], self.tcfg.length_buckets, enc_p_chunk)
+        loss = loss_fn(q, p)
         loss.backward()
         return loss.detach()
 
@@ -183,10 +208,14 @@ class CrossTask:
                       epoch: int = 0) -> torch.Tensor:
         queries = [r["query"] for r in rows for _ in r["passages"]]
         passages = [p for r in rows for p in r["passages"]]
-        feats = {k: v.to(device) for k, v in model.tokenize(queries, passages).items()}
         flat_labels = torch.tensor([float(x) for r in rows for x in r["labels"]], device=device)
-        with autocast(bf16, device):
-            logits = model(feats)
+
+        def forward(idx: list[int]) -> torch.Tensor:
+            feats = model.tokenize([queries[i] for i in idx], [passages[i] for i in idx])
+            with autocast(bf16, device):
+                return model({k: v.to(device) for k, v in feats.items()})
+
+        logits = length_bucketed([len(q) + len(p) for q, p in zip(queries, passages)], self.tcfg.length_buckets, forward)
         loss = torch.zeros((), device=device)
         if "listwise" in self.tcfg.loss:
             width = max(len(r["passages"]) for r in rows)
