@@ -71,6 +71,8 @@ class DualTrainConfig:
     log_every: int = 10
     # Steps 3/4 start from the base model (paper) or continue from the previous dual encoder.
     init: str = "base"  # base | previous
+    # Epochs for a stage that continues from the previous dual encoder (init: previous); None = `epochs`.
+    continue_epochs: float | None = None
     seed: int = 0
 
 
@@ -385,6 +387,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mining.denoise_top ({cfg.mining.denoise_top}) cannot exceed mining.top_k ({cfg.mining.top_k})")
     if not 0.0 <= cfg.mining.pseudo_neg_threshold <= cfg.mining.pseudo_pos_threshold <= 1.0:
         raise ConfigError("need 0 <= mining.pseudo_neg_threshold <= mining.pseudo_pos_threshold <= 1")
+    if cfg.dual.continue_epochs is not None and cfg.dual.continue_epochs <= 0:
+        raise ConfigError("dual.continue_epochs must be > 0 (or null to train continued stages for dual.epochs)")
     if cfg.model.temperature <= 0:
         raise ConfigError("model.temperature must be > 0")
 

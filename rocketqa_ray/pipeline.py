@@ -261,6 +261,8 @@ class Pipeline:
 
         self._ray()
         cfg = variant_cfg or self.cfg
+        if init is not None and cfg.dual.continue_epochs is not None:
+            cfg = replace(cfg, dual=replace(cfg.dual, epochs=cfg.dual.continue_epochs))
         ex = d / "train_examples.parquet"
         if not ex.exists():
             write_examples(rows, ex)

@@ -487,6 +487,8 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
     info = check_examples(examples_path, kind)
     if init_model is not None and not (Path(init_model) / "config.json").exists():
         raise ConfigError(f"init model {init_model} is not a saved model folder (no config.json)")
+    if init_model is not None:
+        init_model = str(Path(init_model).resolve())  # workers run in their own working directories
     tcfg = cfg.dual if kind == "dual" else cfg.cross
     workers = cfg.ray.num_workers
     global_batch = tcfg.batch_size * workers
@@ -547,7 +549,13 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     t0 = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise user from None
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training finished without a final checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -559,6 +567,20 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
             shutil.copy(Path(d) / HISTORY_FILE, out_dir / HISTORY_FILE)
     log.info("%s: trained in %.0f s, model in %s", name, time.time() - t0, model_dir)
     return model_dir
+
+
+def _user_error(e: Exception) -> Exception | None:
+    """A RocketQAError raised inside a Train worker arrives wrapped in Ray's WorkerGroupError with the worker's
+    traceback as text: give the user its one-line message instead (None when it was something else)."""
+    import re
+
+    from rocketqa_ray import errors
+
+    m = re.search(r"rocketqa_ray\.errors\.(\w+): (.+)", str(e))
+    cls = getattr(errors, m.group(1), None) if m else None
+    if isinstance(cls, type) and issubclass(cls, errors.RocketQAError):
+        return cls(f"in a training worker: {m.group(2).strip()}")
+    return None
 
 
 def train_dual(cfg: Config, examples_path: str | Path, out_dir: str | Path, init_model: str | None = None,

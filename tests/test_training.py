@@ -310,3 +310,14 @@ def test_train_dual_job_reports_bad_input_in_one_line(tmp_path):
     r = subprocess.run([*job, "--data", str(root / "data" / "squad-mini"), "--examples", str(tmp_path / "x.parquet")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_user_error_in_a_worker_reaches_the_driver_as_one_line():
+    from rocketqa_ray.training import _user_error
+
+    wrapped = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+                           '  File "training.py", line 1, in _worker_loop\n'
+                           "rocketqa_ray.errors.DataError: x.parquet: no training examples\n")
+    err = _user_error(wrapped)
+    assert isinstance(err, DataError) and str(err) == "in a training worker: x.parquet: no training examples"
+    assert _user_error(RuntimeError("CUDA out of memory")) is None  # not ours: keeps its traceback
