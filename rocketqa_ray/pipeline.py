@@ -397,7 +397,8 @@ class Pipeline:
             dense = self._dense_scores("md0", pairs)
             fusion = fit_fusion(calibrated, dense, labels)
             model.fusion = fusion.to_dict()
-            stats.update({"fusion": fusion.to_dict(), "calib_top1_acc_dense": top1(dense),
+            stats.update({"fusion": {k: round(v, 4) for k, v in fusion.to_dict().items()},
+                          "calib_top1_acc_dense": top1(dense),
                           "calib_top1_acc_fused": top1(fusion(calibrated, dense))})
         write_json(d / "calibration.json", stats)
         model.save(d / "model", extra_meta={"calibration": stats, "fusion": model.fusion})

@@ -61,16 +61,26 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
     metrics = _metrics_present(stages)
     lines = ["# rocketqa-ray report", "", f"Data: `{report.get('data', '')}`, preset: `{report.get('preset', '')}`. "
              "Test split only.", "", f"![metrics per stage]({plot_name})", ""]
-    head = "| stage | " + " | ".join(metrics) + " | paper MS MARCO MRR@10 | time (s) |"
-    lines += [head, "|" + "---|" * (len(metrics) + 3)]
+    stats = report.get("stats", {})
+    heldout = any("heldout_mrr@10" in st for st in stats.values())
+    head = "| stage | " + " | ".join(metrics) + (" | held-out dev mrr@10 |" if heldout else " |") + \
+        " paper MS MARCO MRR@10 | time (s) |"
+    lines += [head, "|" + "---|" * (len(metrics) + 3 + heldout)]
     for s, m in stages.items():
         cells = [f"{m[k]:.3f}" if k in m else "" for k in metrics]
+        if heldout:
+            dev = stats.get(s, {}).get("heldout_mrr@10")
+            cells.append(f"{dev:.3f}" if dev is not None else "")
         paper = PAPER_MSMARCO_MRR10.get(s)
         secs = report.get("timings_s", {}).get(s)
-        lines.append(f"| {STAGE_LABELS.get(s, s)} | " + " | ".join(cells)
+        label = STAGE_LABELS.get(s, s)
+        if stats.get(s, {}).get("scores") == "fused":
+            label += " (CE fused with the dense score)"
+        lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {paper if paper is not None else ''} | {secs if secs is not None else ''} |")
-    lines += ["", "The paper's figures are MS MARCO dev MRR@10 (x100), shown for the expected ordering only.", ""]
-    stats = report.get("stats", {})
+    lines += ["", "The paper's figures are MS MARCO dev MRR@10 (x100), shown for the expected ordering only.",
+              "Held-out dev: step 4's unlabelled questions, scored against their hidden labels by the stages that "
+              "never train on them (choose settings with it, not with the test split).", ""]
     for name, st in stats.items():
         if not st:
             continue
