@@ -212,18 +212,21 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, dual_examples, tmp_p
     marker, steps_log = tmp_path / "killed", tmp_path / "steps.log"
 
     def hook(rank: int, step: int) -> None:
-        attempt = "retry" if marker.exists() else "first"
+        # Attempts are told apart by worker process: the retry runs in new processes. (Classifying by the
+        # marker raced: rank 0 could finish step 5 of the first attempt after rank 1 had created it.)
         with open(steps_log, "a") as f:
-            f.write(f"{attempt} {rank} {step}\n")
-        if rank == 1 and step == 5 and attempt == "first":
+            f.write(f"{os.getpid()} {rank} {step}\n")
+        if rank == 1 and step == 5 and not marker.exists():
             marker.touch()
             time.sleep(2)  # usually lets the controller collect the step-4 checkpoint first
             os._exit(1)
 
     faulty = train_dual(_tiny_cfg(*overrides), str(dual_examples), str(tmp_path / "faulty"), step_hook=hook)
     lines = [line.split() for line in steps_log.read_text().splitlines()]
-    first = [int(s) for a, r, s in lines if a == "first" and r == "0"]
-    retry = [int(s) for a, r, s in lines if a == "retry" and r == "0"]
+    pids = list(dict.fromkeys(pid for pid, r, _ in lines if r == "0"))  # rank 0's processes, in order
+    assert len(pids) == 2, f"expected one retry, rank 0 ran in {len(pids)} processes"
+    first = [int(st) for pid, r, st in lines if pid == pids[0]]
+    retry = [int(st) for pid, r, st in lines if pid == pids[1]]
     assert marker.exists() and max(first) >= 4
     assert retry[0] in (3, 5) and retry == list(range(retry[0], 9)), retry  # resumed after a checkpoint, not 0
     assert [h["step"] for h in read_history(tmp_path / "faulty")] == [2, 4, 6, 8]
