@@ -189,7 +189,7 @@ class DualEncoder(nn.Module):
         path = Path(path)
         if not (path / "config.json").exists():
             raise ConfigError(f"{path} is not a saved model folder (no config.json)")
-        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+        meta = read_meta(path)
         cfg = ModelConfig(**{k: v for k, v in meta.get("model", {}).items() if k in ModelConfig.__dataclass_fields__})
         if not meta:
             cfg.base = str(path)
@@ -288,7 +288,6 @@ class CrossEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = max_len
-        self.fusion: dict | None = None
 
     @classmethod
     def from_base(cls, base: str, max_len: int = 160) -> CrossEncoder:
@@ -307,11 +306,9 @@ class CrossEncoder(nn.Module):
         path = Path(path)
         if not (path / "config.json").exists():
             raise ConfigError(f"{path} is not a saved cross-encoder folder (no config.json)")
-        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+        meta = read_meta(path)
         model = AutoModelForSequenceClassification.from_pretrained(path)
-        ce = cls(model, AutoTokenizer.from_pretrained(path), int(meta.get("max_len", 160)))
-        ce.fusion = meta.get("fusion")  # weights for fusing with the retriever's score (calibration.Fusion)
-        return ce
+        return cls(model, AutoTokenizer.from_pretrained(path), int(meta.get("max_len", 160)))
 
     def save(self, path: str | Path, extra_meta: dict | None = None) -> Path:
         path = Path(path)
@@ -343,6 +340,12 @@ class CrossEncoder(nn.Module):
                 feats = self.tokenize([questions[i] for i in idx], [passages[i] for i in idx])
                 out[idx] = torch.sigmoid(self({k: v.to(device) for k, v in feats.items()})).cpu().numpy()
         return out
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    """What `save` recorded beside a model's weights (kind, lengths, training, calibration, fusion); {} if none."""
+    path = Path(model_dir) / META_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def fingerprint(model_dir: str | Path) -> str:

@@ -393,15 +393,15 @@ class Pipeline:
             "calib_mean_prob_pos": round(float(calibrated[labels == 1].mean()), 4),
             "calib_mean_prob_neg": round(float(calibrated[labels == 0].mean()), 4),
         }
+        fusion = None
         if self.cfg.cross.fusion:
             dense = self._dense_scores("md0", pairs)
             fusion = fit_fusion(calibrated, dense, labels)
-            model.fusion = fusion.to_dict()
             stats.update({"fusion": {k: round(v, 4) for k, v in fusion.to_dict().items()},
                           "calib_top1_acc_dense": top1(dense),
                           "calib_top1_acc_fused": top1(fusion(calibrated, dense))})
         write_json(d / "calibration.json", stats)
-        model.save(d / "model", extra_meta={"calibration": stats, "fusion": model.fusion})
+        model.save(d / "model", extra_meta={"calibration": stats, "fusion": fusion.to_dict() if fusion else None})
         log.info("mc: calibrated on %d held-out pairs: %s", len(pairs), json.dumps(stats))
         return stats
 
@@ -422,12 +422,12 @@ class Pipeline:
 
     def _fusion(self):
         from rocketqa_ray.calibration import Fusion
+        from rocketqa_ray.models import read_meta
 
-        meta = self.stage_dir("mc") / "model" / "rocketqa_ray.json"
-        return Fusion.from_dict(read_json(meta).get("fusion")) if self.cfg.cross.fusion and meta.exists() else None
+        return Fusion.from_dict(read_meta(self.stage_dir("mc") / "model").get("fusion")) if self.cfg.cross.fusion else None
 
     def _rerank_eval(self, stage: str, d: Path) -> tuple[dict, dict]:
-        from rocketqa_ray.evaluation import read_trec_run
+        from rocketqa_ray.evaluation import evaluate_run, read_trec_run
 
         run = read_trec_run(self.stage_dir(stage) / "test.trec")
         ranked = {q: sorted(v.items(), key=lambda x: -x[1]) for q, v in run.items()}
@@ -438,8 +438,10 @@ class Pipeline:
         fusion = self._fusion()
         if fusion is not None:
             # the cross-encoder alone, for comparison; the row in the report is the fused reranker
-            ce_only = self._evaluate(rerank(ranked, scores, top), d, d.name)
-            stats.update({"scores": "fused", **{f"ce_only_{k}": v for k, v in ce_only.items() if k in ("mrr@10", "recall@5")}})
+            # (metrics only: the stage's test.trec and answer accuracy are the fused run's)
+            ce_only = evaluate_run(rerank(ranked, scores, top), self.data.split(self.cfg.data.test_split),
+                                   ("mrr@10", "recall@5"))
+            stats.update({"scores": "fused", **{f"ce_only_{k}": v for k, v in ce_only.items()}})
             scores = fuse_scores(ranked, scores, fusion)
         return self._evaluate(rerank(ranked, scores, top), d, d.name), stats
 

@@ -58,10 +58,11 @@ class RunArtifacts:
     def fusion(self) -> dict | None:
         """The cross-encoder's fusion weights with the retriever score (`calibration.Fusion`), if it has them
         and the run's config uses them."""
-        meta = self.cross_dir / "rocketqa_ray.json" if self.cross_dir is not None else None
-        if meta is None or not meta.exists() or not self.cfg.cross.fusion:
+        from rocketqa_ray.models import read_meta
+
+        if self.cross_dir is None or not self.cfg.cross.fusion:
             return None
-        return json.loads(meta.read_text(encoding="utf-8")).get("fusion")
+        return read_meta(self.cross_dir).get("fusion")
 
     @property
     def rerank_message(self) -> str | None:
