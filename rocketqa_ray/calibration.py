@@ -6,8 +6,8 @@ Fitting p = sigmoid(a * logit + b) on held-out labelled pairs (Platt scaling) an
 last linear layer keeps the saved model a plain `sentence_transformers.CrossEncoder` whose scores are
 calibrated.
 
-`Fusion` goes one step further: a logistic regression over (calibrated cross-encoder logit, dense score),
-fit on the same held-out pairs. A small cross-encoder trained for minutes knows things the dual encoder
+`Fusion` goes one step further: a logistic regression over (calibrated cross-encoder logit, dense score and,
+with `cross.fusion_bm25`, the BM25 score), fit on the same held-out pairs. A small cross-encoder trained for minutes knows things the dual encoder
 does not and vice versa; the fused probability ranks better than either (measured in the README) and is
 still a probability, so the same thresholds apply. It is stored in the cross-encoder's folder.
 """
@@ -61,29 +61,47 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, steps: int = 200) -> tuple
 
 @dataclass(frozen=True)
 class Fusion:
-    """p = sigmoid(ce * logit(cross-encoder probability) + dense * retriever score + bias)."""
+    """p = sigmoid(ce * logit(cross-encoder probability) + dense * retriever score + bm25 * BM25 score + bias).
+
+    bm25 is 0 for a fusion fit without the lexical feature (and for folders saved before it existed).
+    """
 
     ce: float
     dense: float
     bias: float
+    bm25: float = 0.0
 
-    def __call__(self, ce_probs: np.ndarray, dense_scores: np.ndarray) -> np.ndarray:
+    @property
+    def uses_bm25(self) -> bool:
+        return self.bm25 != 0.0
+
+    def __call__(self, ce_probs: np.ndarray, dense_scores: np.ndarray, bm25_scores: np.ndarray | None = None) -> np.ndarray:
         z = self.ce * logits_from_probs(ce_probs) + self.dense * np.asarray(dense_scores, dtype=np.float64) + self.bias
+        if self.uses_bm25:
+            if bm25_scores is None:
+                raise ValueError("this fusion weighs BM25 scores (cross.fusion_bm25) but none were given")
+            z = z + self.bm25 * np.asarray(bm25_scores, dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-z))
 
     def to_dict(self) -> dict:
-        return {"ce": self.ce, "dense": self.dense, "bias": self.bias}
+        return {"ce": self.ce, "dense": self.dense, "bm25": self.bm25, "bias": self.bias}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Fusion | None:
-        return cls(float(d["ce"]), float(d["dense"]), float(d["bias"])) if d else None
+        if not d:
+            return None
+        return cls(float(d["ce"]), float(d["dense"]), float(d["bias"]), float(d.get("bm25", 0.0)))
 
 
-def fit_fusion(ce_probs: np.ndarray, dense_scores: np.ndarray, labels: np.ndarray) -> Fusion:
-    """The logistic fusion of calibrated cross-encoder probabilities [N] and dense scores [N] for `labels` [N]."""
-    x = np.stack([logits_from_probs(ce_probs), np.asarray(dense_scores, dtype=np.float64)], axis=1)
-    w, b = fit_logistic(x, labels)
-    return Fusion(float(w[0]), float(w[1]), b)
+def fit_fusion(ce_probs: np.ndarray, dense_scores: np.ndarray, labels: np.ndarray,
+               bm25_scores: np.ndarray | None = None) -> Fusion:
+    """The logistic fusion of calibrated cross-encoder probabilities [N], dense scores [N] and, if given, BM25
+    scores [N] for `labels` [N]."""
+    cols = [logits_from_probs(ce_probs), np.asarray(dense_scores, dtype=np.float64)]
+    if bm25_scores is not None:
+        cols.append(np.asarray(bm25_scores, dtype=np.float64))
+    w, b = fit_logistic(np.stack(cols, axis=1), labels)
+    return Fusion(float(w[0]), float(w[1]), b, float(w[2]) if bm25_scores is not None else 0.0)
 
 
 def logits_from_probs(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:

@@ -119,14 +119,16 @@ def pseudo_label(candidates: Ranked, scores: Scores, pos_threshold: float, neg_t
     return PseudoLabels(positives, negatives, stats)
 
 
-def fuse_scores(ranked: dict[str, list[tuple[str, float]]], scores: Scores, fusion) -> Scores:
-    """Cross-encoder probabilities fused with the retriever scores in `ranked` (`calibration.Fusion`), for the
-    pairs of `scores`."""
+def fuse_scores(ranked: dict[str, list[tuple[str, float]]], scores: Scores, fusion,
+                bm25: Scores | None = None) -> Scores:
+    """Cross-encoder probabilities fused with the retriever scores in `ranked` (and the `bm25` pair scores when
+    the fusion weighs them; `calibration.Fusion`), for the pairs of `scores`."""
     import numpy as np
 
     dense = {(q, p): s for q, items in ranked.items() for p, s in items}
     keys = [k for k in scores if k in dense]
-    fused = fusion(np.array([scores[k] for k in keys]), np.array([dense[k] for k in keys]))
+    lexical = np.array([bm25[k] for k in keys]) if fusion.uses_bm25 and bm25 is not None else None
+    fused = fusion(np.array([scores[k] for k in keys]), np.array([dense[k] for k in keys]), lexical)
     return {k: float(v) for k, v in zip(keys, fused)}
 
 

@@ -38,11 +38,11 @@ ABLATIONS = ("md0_inbatch", "md1_undenoised")
 REPORT_STAGES = ("bm25", "zero_shot", "md0", "md0_inbatch", "mc", "md1", "md1_undenoised", "md2", "md2_rerank")
 # What each stage reads from the config (besides upstream stages): changing anything else never invalidates it.
 STAGE_SECTIONS = {
-    "bm25": ("data",),
+    "bm25": ("data", "bm25"),
     "zero_shot": ("data", "model", "index", "eval"),
     "md0": ("data", "model", "dual", "index", "eval"),
     "md0_inbatch": ("data", "model", "dual", "index", "eval"),
-    "mc": ("data", "cross", "mining", "eval"),
+    "mc": ("data", "cross", "mining", "eval", "bm25"),
     "md1": ("data", "model", "dual", "mining", "index", "eval"),
     "md1_undenoised": ("data", "model", "dual", "mining", "index", "eval"),
     "md2": ("data", "model", "dual", "mining", "index", "eval"),
@@ -83,6 +83,7 @@ class Pipeline:
         self._data: BeirData | None = None
         self._corpus: dict[str, dict] | None = None
         self._splits: Splits | None = None
+        self._bm25 = None
 
     # ------------------------------------------------------------------------------------ data access
     @property
@@ -121,6 +122,20 @@ class Pipeline:
             if not train:
                 raise DataError("no labelled training questions left after holding out dev/pseudo fractions")
         return self._splits
+
+    @property
+    def bm25(self):
+        """The corpus's BM25 index (`bm25` config section), built once per run of the driver."""
+        from rocketqa_ray.bm25 import BM25Retriever
+
+        if self._bm25 is None:
+            ids = list(self.corpus)
+            self._bm25 = BM25Retriever.from_config(ids, [self.ptext(i) for i in ids], self.cfg.bm25)
+        return self._bm25
+
+    def bm25_scores(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        q = {qid: self.qtext(qid) for qid, _ in pairs}
+        return dict(zip(pairs, self.bm25.score_pairs(pairs, q).tolist()))
 
     def qtext(self, qid: str) -> str:
         if qid in self.data.queries:
@@ -292,13 +307,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ baselines
     def _stage_bm25(self, d: Path) -> StageResult:
-        from rocketqa_ray.bm25 import BM25Retriever
-
-        r = BM25Retriever.from_corpus(self.corpus)
+        r = self.bm25
         qids = self.splits.test
         idx, scores = r.search([self.qtext(q) for q in qids], k=self.cfg.eval.depth)
         run = run_from_arrays(qids, r.ids, idx, scores)
-        return StageResult(self._evaluate(run, d, "bm25"))
+        b = self.cfg.bm25
+        return StageResult(self._evaluate(run, d, "bm25"), {"stemmed": b.stem, "k1": b.k1, "b": b.b})
 
     def _stage_zero_shot(self, d: Path) -> StageResult:
         from rocketqa_ray.models import DualEncoder
@@ -396,7 +410,10 @@ class Pipeline:
         fusion = None
         if self.cfg.cross.fusion:
             dense = self._dense_scores("md0", pairs)
-            fusion = fit_fusion(calibrated, dense, labels)
+            lexical = None
+            if self.cfg.cross.fusion_bm25:
+                lexical = self.bm25.score_pairs(pairs, {q: self.qtext(q) for q, _ in pairs})
+            fusion = fit_fusion(calibrated, dense, labels, lexical)
             stats.update({"fusion": {k: round(v, 4) for k, v in fusion.to_dict().items()},
                           "calib_top1_acc_dense": top1(dense),
                           "calib_top1_acc_fused": top1(fusion(calibrated, dense))})
@@ -441,8 +458,9 @@ class Pipeline:
             # (metrics only: the stage's test.trec and answer accuracy are the fused run's)
             ce_only = evaluate_run(rerank(ranked, scores, top), self.data.split(self.cfg.data.test_split),
                                    ("mrr@10", "recall@5"))
-            stats.update({"scores": "fused", **{f"ce_only_{k}": v for k, v in ce_only.items()}})
-            scores = fuse_scores(ranked, scores, fusion)
+            stats.update({"scores": "fused", "fusion_features": "ce+dense+bm25" if fusion.uses_bm25 else "ce+dense",
+                          **{f"ce_only_{k}": v for k, v in ce_only.items()}})
+            scores = fuse_scores(ranked, scores, fusion, self.bm25_scores(pairs) if fusion.uses_bm25 else None)
         return self._evaluate(rerank(ranked, scores, top), d, d.name), stats
 
     # ------------------------------------------------------------------------------------ step 3
@@ -494,7 +512,7 @@ class Pipeline:
             scores = self._ce_scores([(q, p) for q, ps in cands.items() for p in ps], d / "pseudo_scores")
             fusion = self._fusion()
             if fusion is not None:
-                scores = fuse_scores(ranked, scores, fusion)
+                scores = fuse_scores(ranked, scores, fusion, self.bm25_scores(list(scores)) if fusion.uses_bm25 else None)
             hidden = {q: self.data.split(self.cfg.data.train_split)[q] for q in pseudo_q
                       if q in self.data.split(self.cfg.data.train_split)}
             pl = pseudo_label(cands, scores, m.pseudo_pos_threshold, m.pseudo_neg_threshold,

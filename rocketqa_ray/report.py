@@ -74,8 +74,11 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
         paper = PAPER_MSMARCO_MRR10.get(s)
         secs = report.get("timings_s", {}).get(s)
         label = STAGE_LABELS.get(s, s)
+        if s == "bm25" and stats.get(s, {}).get("stemmed"):
+            label = label.replace("BM25", "BM25, stemmed")
         if stats.get(s, {}).get("scores") == "fused":
-            label += " (CE fused with the dense score)"
+            bm25 = "bm25" in stats[s].get("fusion_features", "")
+            label += " (CE fused with the dense" + (" and BM25 scores)" if bm25 else " score)")
         lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {paper if paper is not None else ''} | {secs if secs is not None else ''} |")
     lines += ["", "The paper's figures are MS MARCO dev MRR@10 (x100), shown for the expected ordering only.",

@@ -78,12 +78,13 @@ def search_embeddings(index: DenseIndex, qids: list[str], q_emb: np.ndarray, k: 
 
 
 def retrieve(model_dir: str | Path, index: DenseIndex, qids: list[str], query_texts: list[str], k: int,
-             exclude: dict[str, set[str]] | None = None, cfg: EncodeConfig | None = None, use_ray: bool = True,
-             ray_cfg: RayConfig | None = None) -> Ranked:
+             exclude: dict[str, set[str]] | None = None, cfg: EncodeConfig | None = None,
+             use_ray: bool | None = None, ray_cfg: RayConfig | None = None) -> Ranked:
     """Encode the queries with `model_dir` and return {qid: [(pid, score), ...]} (k per query, best first).
 
     `exclude[qid]` (e.g. the gold positives, for hard-negative mining) never appears in that query's list.
-    The index must have been built from the same model's passage embeddings.
+    The index must have been built from the same model's passage embeddings. `use_ray` None: the Ray Data
+    actor pool encodes more than `cfg.driver_max_queries` queries, fewer are encoded in this process.
     """
     cfg = cfg or EncodeConfig()
     if len(qids) != len(query_texts):
@@ -93,6 +94,8 @@ def retrieve(model_dir: str | Path, index: DenseIndex, qids: list[str], query_te
     if not qids:
         return {}
     check_index_model(index, model_dir)
+    if use_ray is None:
+        use_ray = len(qids) > cfg.driver_max_queries
     q_emb = encode_queries(model_dir, qids, query_texts, cfg, use_ray=use_ray, ray_cfg=ray_cfg)
     return search_embeddings(index, qids, q_emb, k, exclude)
 

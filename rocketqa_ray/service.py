@@ -4,7 +4,7 @@ The pieces mirror the Serve deployments one to one, so the HTTP service and an i
 `SearchService` compute exactly the same thing:
 
     QueryEncoderCore.encode(queries)            -> [B, H] float32 query embeddings
-    RetrieverCore.search(emb, k)                 -> per query, k hits {id, title, text, score}
+    RetrieverCore.search(emb, k, queries)        -> per query, k hits {id, title, text, score[, bm25]}
     RerankerCore.score_many([(query, passages)]) -> per request, [n] cross-encoder probabilities
     combine(...)                                 -> the response's result list
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from rocketqa_ray.config import Config, IndexConfig, ServeConfig, config_from_dict
+from rocketqa_ray.config import BM25Config, Config, IndexConfig, ServeConfig, config_from_dict
 from rocketqa_ray.data import find_corpus, iter_corpus, passage_text
 from rocketqa_ray.errors import RocketQAError
 
@@ -63,6 +63,14 @@ class RunArtifacts:
         if self.cross_dir is None or not self.cfg.cross.fusion:
             return None
         return read_meta(self.cross_dir).get("fusion")
+
+    @property
+    def lexical(self) -> BM25Config | None:
+        """The BM25 settings the retriever must score hits with, when the reranker's fusion weighs BM25."""
+        from rocketqa_ray.calibration import Fusion
+
+        fusion = Fusion.from_dict(self.fusion)
+        return self.cfg.bm25 if fusion is not None and fusion.uses_bm25 else None
 
     @property
     def rerank_message(self) -> str | None:
@@ -168,16 +176,24 @@ class PassageStore:
 
 
 class RetrieverCore:
-    """A saved DenseIndex plus the passage texts; refuses an index built with another model."""
+    """A saved DenseIndex plus the passage texts; refuses an index built with another model. With `bm25`, each
+    hit also carries its BM25 score for the question (a feature of the reranker's fusion)."""
 
     def __init__(self, index_dir: str | Path, corpus_path: str | Path, expect_dim: int | None = None,
-                 expect_fingerprint: str | None = None, index_cfg: IndexConfig | None = None):
+                 expect_fingerprint: str | None = None, index_cfg: IndexConfig | None = None,
+                 bm25: BM25Config | None = None):
         from rocketqa_ray.index import DenseIndex
 
         # index_cfg: the run's search-time knobs (nprobe, ef_search, use_gpu); the structure is the saved one.
         self.index = DenseIndex.load(index_dir, expect_dim=expect_dim, expect_fingerprint=expect_fingerprint,
                                      cfg=index_cfg)
         self.store = PassageStore(corpus_path, list(self.index.ids))
+        self.lexical = None
+        if bm25 is not None:
+            from rocketqa_ray.bm25 import BM25Retriever
+
+            ids = list(self.index.ids)
+            self.lexical = BM25Retriever.from_config(ids, [passage_text(*self.store.get(p)) for p in ids], bm25)
 
     @property
     def size(self) -> int:
@@ -186,8 +202,9 @@ class RetrieverCore:
     def info(self) -> dict[str, Any]:
         return {"kind": self.index.kind, "size": self.size, "dim": int(self.index.dim)}
 
-    def search(self, emb: np.ndarray, k: int) -> list[list[dict]]:
-        """[B, H] query embeddings -> B lists of up to k hits {id, title, text, score}, best first."""
+    def search(self, emb: np.ndarray, k: int, queries: list[str] | None = None) -> list[list[dict]]:
+        """[B, H] query embeddings -> B lists of up to k hits {id, title, text, score}, best first; with a BM25
+        index and the B query strings, each hit also has its `bm25` score."""
         emb = np.ascontiguousarray(np.atleast_2d(emb), dtype=np.float32)
         scores, rows = self.index.search(emb, min(k, self.size))
         out = []
@@ -200,6 +217,10 @@ class RetrieverCore:
                 title, text = self.store.get(pid)
                 hits.append({"id": pid, "title": title, "text": text, "score": float(s)})
             out.append(hits)
+        if self.lexical is not None and queries is not None:
+            for q, hits in zip(queries, out):
+                for h, v in zip(hits, self.lexical.score(q, [h["id"] for h in hits])):
+                    h["bm25"] = float(v)
         return out
 
 
@@ -251,7 +272,14 @@ def combine(hits: list[dict], top_k: int, ce_scores: np.ndarray | None = None, f
         if fusion and len(out):
             from rocketqa_ray.calibration import Fusion
 
-            final = Fusion.from_dict(fusion)(final, np.array([h["score"] for h in out]))
+            f = Fusion.from_dict(fusion)
+            lexical = None
+            if f.uses_bm25:
+                if any("bm25" not in h for h in out):
+                    raise ServiceError("the reranker's fusion weighs BM25 scores but the retriever returned none "
+                                       "(build RetrieverCore with the run's bm25 config)")
+                lexical = np.array([h["bm25"] for h in out])
+            final = f(final, np.array([h["score"] for h in out]), lexical)
         for h, s, c in zip(out, final, ce_scores):
             h["score"] = float(s)
             h["ce_score"] = float(c)
@@ -343,7 +371,8 @@ class SearchService:
         bf16 = arts.cfg.encode.bf16
         self.encoder = QueryEncoderCore(arts.model_dir, bf16=bf16, device=device)
         self.retriever = RetrieverCore(arts.index_dir, arts.corpus_path, expect_dim=self.encoder.dim,
-                                       expect_fingerprint=self.encoder.fingerprint, index_cfg=arts.cfg.index)
+                                       expect_fingerprint=self.encoder.fingerprint, index_cfg=arts.cfg.index,
+                                       bm25=arts.lexical)
         self.reranker = RerankerCore(arts.cross_dir, bf16=bf16, device=device) if arts.cross_dir else None
 
     @classmethod
@@ -356,7 +385,7 @@ class SearchService:
         t1 = time.perf_counter()
         do_rerank = rerank and self.reranker is not None
         k = candidate_depth(top_k, do_rerank, self.serve_cfg.rerank_top_k, self.retriever.size)
-        hits = self.retriever.search(emb, k)[0]
+        hits = self.retriever.search(emb, k, [query])[0]
         t2 = time.perf_counter()
         scores = self.reranker.score_many([(query, rerank_texts(hits))])[0] if do_rerank else None
         t3 = time.perf_counter()
@@ -421,7 +450,7 @@ def _spread_head(ce: Any, questions: list[str], passages: list[str], std: float 
         head.bias.copy_((head.bias - logits.mean()) * scale)
 
 
-DEMO_FUSION = {"ce": 1.0, "dense": 2.0, "bias": -0.5}
+DEMO_FUSION = {"ce": 1.0, "dense": 2.0, "bm25": 0.2, "bias": -0.5}
 
 
 def make_demo_run_dir(out: str | Path, n_passages: int = 200, data_dir: str | Path | None = None,

@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rocketqa_ray.config import IndexConfig, ServeConfig, _coerce
+from rocketqa_ray.config import BM25Config, IndexConfig, ServeConfig, _coerce
 from rocketqa_ray.errors import ConfigError
 from rocketqa_ray.service import (
     MAX_BODY_BYTES,
@@ -83,12 +83,12 @@ class Retriever:
     """FAISS search plus passage texts."""
 
     def __init__(self, index_dir: str, corpus_path: str, expect_dim: int | None, expect_fingerprint: str | None,
-                 index_cfg: IndexConfig | None = None):
+                 index_cfg: IndexConfig | None = None, bm25: BM25Config | None = None):
         self.core = RetrieverCore(index_dir, corpus_path, expect_dim=expect_dim, expect_fingerprint=expect_fingerprint,
-                                  index_cfg=index_cfg)
+                                  index_cfg=index_cfg, bm25=bm25)
 
-    def search(self, emb: np.ndarray, k: int) -> list[dict]:
-        return self.core.search(emb[None, :], k)[0]
+    def search(self, emb: np.ndarray, k: int, query: str | None = None) -> list[dict]:
+        return self.core.search(emb[None, :], k, [query] if query is not None else None)[0]
 
     def info(self) -> dict[str, Any]:
         return self.core.info()
@@ -209,7 +209,7 @@ class SearchIngress:
         t1 = time.perf_counter()
         do_rerank = rerank and self.reranker is not None
         k = candidate_depth(top_k, do_rerank, self.rerank_top_k, (await self.index_info())["size"])
-        hits = await self._call("retriever", lambda: self.retriever.search.remote(emb, k))
+        hits = await self._call("retriever", lambda: self.retriever.search.remote(emb, k, query))
         t2 = time.perf_counter()
         scores = None
         if do_rerank:
@@ -288,7 +288,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     retriever = Retriever.options(
         ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
         **_replicas(scfg.retriever_replicas, app_args.autoscaling, 8),
-    ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index)
+    ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index, arts.lexical)
     reranker = Reranker.options(
         ray_actor_options=model_actor if arts.cross_dir else {"num_cpus": 0.1}, max_ongoing_requests=queue,
         **_replicas(scfg.reranker_replicas if arts.cross_dir else 1, app_args.autoscaling and bool(arts.cross_dir),

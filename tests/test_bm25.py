@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rocketqa_ray.bm25 import BM25Retriever
+from rocketqa_ray.errors import DataError
 
 CORPUS = {
     "p_darwin": {"title": "Charles Darwin", "text": "Darwin wrote On the Origin of Species about natural selection."},
@@ -52,3 +54,23 @@ def test_stopwords_ignored():
     bm25 = BM25Retriever.from_corpus(CORPUS)
     _, scores = bm25.search(["the of and is"], k=1)
     assert scores[0, 0] == 0.0
+
+
+def test_pair_scores_equal_the_search_scores():
+    bm25 = BM25Retriever.from_corpus(CORPUS, stem=True)
+    queries = {"q1": "who wrote origin of species", "q2": "erupting volcano in the crust"}
+    idx, scores = bm25.search(list(queries.values()), k=len(CORPUS))
+    for row, q in enumerate(queries):
+        pids = [bm25.ids[i] for i in idx[row]]
+        np.testing.assert_allclose(bm25.score(queries[q], pids), scores[row], rtol=1e-6)
+    pairs = [("q1", "p_darwin"), ("q2", "p_volcano"), ("q1", "p_paris")]
+    got = bm25.score_pairs(pairs, queries)
+    assert got[0] > 0 and got[1] > 0 and got[2] == 0.0
+    assert got[0] == bm25.score(queries["q1"], ["p_darwin"])[0]
+
+
+def test_pair_scores_of_stopword_queries_and_unknown_ids():
+    bm25 = BM25Retriever.from_corpus(CORPUS)
+    assert bm25.score("what is the", ["p_paris", "p_bees"]).tolist() == [0.0, 0.0]
+    with pytest.raises(DataError, match="not in the indexed corpus"):
+        bm25.score("paris", ["p_paris", "nope"])

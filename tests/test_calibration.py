@@ -63,3 +63,26 @@ def test_fit_fusion_weighs_the_informative_score_and_ranks_better_than_either():
 
     assert auc(fused) > max(auc(ce_prob), auc(dense)) + 0.01
     assert Fusion.from_dict(fusion.to_dict()) == fusion and Fusion.from_dict(None) is None
+
+
+def test_fusion_with_bm25_uses_the_lexical_view_and_needs_its_scores():
+    rng = np.random.default_rng(2)
+    n = 6000
+    y = (rng.random(n) < 0.3).astype(float)
+    ce_prob = 1 / (1 + np.exp(-(1.5 * y + rng.normal(0, 1.2, n))))
+    dense = 0.1 * y + rng.normal(0, 0.08, n)
+    bm25 = 4.0 * y + rng.gamma(2.0, 2.0, n)  # a third noisy view on BM25's scale (0 .. ~30)
+    two, three = fit_fusion(ce_prob, dense, y), fit_fusion(ce_prob, dense, y, bm25)
+    assert not two.uses_bm25 and three.uses_bm25 and three.bm25 > 0
+
+    def auc(s):
+        pos, neg = s[y == 1], s[y == 0]
+        return (pos[:, None] > neg[None, :]).mean()
+
+    assert auc(three(ce_prob, dense, bm25)) > auc(two(ce_prob, dense)) + 0.01
+    assert Fusion.from_dict(three.to_dict()) == three
+    with pytest.raises(ValueError, match="BM25"):
+        three(ce_prob, dense)
+    # a fusion saved before the BM25 feature existed still loads, without it
+    old = {"ce": 1.0, "dense": 2.0, "bias": -0.5}
+    assert Fusion.from_dict(old) == Fusion(1.0, 2.0, -0.5) and not Fusion.from_dict(old).uses_bm25

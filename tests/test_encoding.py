@@ -173,7 +173,7 @@ def test_retrieval_through_index_matches_exact_search(ray_session, encoded, mode
     qids = sorted(qrels)[:40]
     texts = [queries[q]["text"] for q in qids]
     k = 10
-    ranked = retrieve(model_a, index, qids, texts, k, cfg=CFG)
+    ranked = retrieve(model_a, index, qids, texts, k, cfg=CFG, use_ray=True)
 
     q_emb = DualEncoder.load(model_a).encode(texts, "query", bf16="false")
     exact = q_emb @ emb.T  # [Q, N] in-process scores

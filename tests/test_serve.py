@@ -100,19 +100,27 @@ class Offline:
         self.fusion = arts.fusion
         self.texts = {p["_id"]: passage_text(p["title"], p["text"]) for p in iter_corpus(arts.corpus_path)}
         self.rerank_top_k = arts.cfg.serve.rerank_top_k
+        self.bm25 = None
+        if self.fusion and self.fusion.get("bm25"):
+            from rocketqa_ray.bm25 import BM25Retriever
+
+            ids = list(self.index.ids)
+            self.bm25 = BM25Retriever.from_config(ids, [self.texts[p] for p in ids], arts.cfg.bm25)
 
     def dense(self, query: str, k: int) -> list[tuple[str, float]]:
         emb = self.dual.encode([query], kind="query", bf16=self.bf16, device="cpu")
         return self.index.search_ids(emb, k)[0]
 
     def reranked(self, query: str, k: int) -> list[tuple[str, float]]:
-        """All max(k, rerank_top_k) candidates by cross-encoder score fused with the dense score as the
-        pipeline's mc stage defines it (the service returns the first k)."""
+        """All max(k, rerank_top_k) candidates by cross-encoder score fused with the dense and BM25 scores as
+        the pipeline's mc stage defines it (the service returns the first k)."""
         cands = self.dense(query, max(k, self.rerank_top_k))
         scores = self.ce.score([query] * len(cands), [self.texts[p] for p, _ in cands], bf16=self.bf16, device="cpu")
         if self.fusion:
             p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
             z = self.fusion["ce"] * np.log(p / (1 - p)) + self.fusion["dense"] * np.array([s for _, s in cands]) + self.fusion["bias"]
+            if self.bm25 is not None:
+                z = z + self.fusion["bm25"] * self.bm25.score(query, [c for c, _ in cands])
             scores = 1 / (1 + np.exp(-z))
         order = sorted(range(len(cands)), key=lambda i: -scores[i])  # stable: ties keep the dense order
         return [(cands[i][0], float(scores[i])) for i in order]
@@ -240,8 +248,9 @@ def test_results_equal_offline_computation(service, offline, queries, rerank):
         assert set(body["timings_ms"]) == {"encode", "retrieve", "rerank", "total"}
         ref = offline.reranked(q, k) if rerank else offline.dense(q, k + 20)
         assert_same_ranking(body["results"], ref, k)
-        if rerank:  # the fused path: the demo's cross-encoder carries fusion weights
-            assert offline.fusion and all("ce_score" in h for h in body["results"])
+        if rerank:  # the fused path: the demo's cross-encoder carries fusion weights, BM25's among them
+            assert offline.fusion and offline.bm25 is not None
+            assert all("ce_score" in h and "bm25" in h for h in body["results"])
         for h in body["results"]:
             assert offline.texts[h["id"]].endswith(h["text"]) and h["title"] in offline.texts[h["id"]]
 
