@@ -116,6 +116,9 @@ class MiningConfig:
     denoise: bool = True
     denoise_top: int = 50  # the cross-encoder scores this many of the top_k (paper: 50)
     denoise_threshold: float = 0.1  # keep a negative only if its CE score is below this
+    # Also mine this many of BM25's top passages per question (gold excluded) into the step-3 pool, denoised like
+    # the dense ones: lexical hard negatives (DPR) for a retriever that trails BM25 on lexical data.
+    bm25_negatives: int = 0
     pseudo: bool = True
     pseudo_top_k: int = 20
     pseudo_pos_threshold: float = 0.9

@@ -469,9 +469,13 @@ class Pipeline:
         train = self.splits.train
         cands = {q: v[: m.denoise_top] for q, v in self._train_ranked("md0").items()}
         stats: dict = {}
+        if m.bm25_negatives:
+            lexical = self._bm25_negatives(train, m.bm25_negatives)
+            cands = {q: list(dict.fromkeys(cands.get(q, []) + lexical.get(q, []))) for q in train}
+            stats["pool_per_question"] = round(sum(map(len, cands.values())) / max(1, len(cands)), 2)
         if denoised and m.denoise:
             scores = self._ce_scores([(q, p) for q, ps in cands.items() for p in ps], d / "denoise_scores")
-            res = denoise(cands, scores, m.denoise_threshold, m.denoise_top)
+            res = denoise(cands, scores, m.denoise_threshold, m.denoise_top + m.bm25_negatives)
             pool = res.kept
             stats.update(res.stats)
             if self.data.has_answers(train):
@@ -487,6 +491,14 @@ class Pipeline:
         stats["train_questions"] = len(rows)
         stats.update(self._heldout_eval(model_dir, index))
         return StageResult(metrics, stats)
+
+    def _bm25_negatives(self, qids: list[str], n: int) -> dict[str, list[str]]:
+        """BM25's top `n` passages per question, its labelled positives excluded."""
+        qrels = self.data.split(self.cfg.data.train_split)
+        extra = max((len(qrels.get(q, {})) for q in qids), default=0)
+        idx, _ = self.bm25.search([self.qtext(q) for q in qids], k=n + extra)
+        ranked = {q: [self.bm25.ids[j] for j in row] for q, row in zip(qids, idx)}
+        return exclude_gold(ranked, qrels, n)
 
     def _stage_md1(self, d: Path) -> StageResult:
         return self._md1(d, denoised=True)
