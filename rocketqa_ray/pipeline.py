@@ -416,7 +416,9 @@ class Pipeline:
             fusion = fit_fusion(calibrated, dense, labels, lexical)
             stats.update({"fusion": {k: round(v, 4) for k, v in fusion.to_dict().items()},
                           "calib_top1_acc_dense": top1(dense),
-                          "calib_top1_acc_fused": top1(fusion(calibrated, dense))})
+                          "calib_top1_acc_fused": top1(fusion(calibrated, dense, lexical))})
+            if lexical is not None:
+                stats["calib_top1_acc_bm25"] = top1(lexical)
         write_json(d / "calibration.json", stats)
         model.save(d / "model", extra_meta={"calibration": stats, "fusion": fusion.to_dict() if fusion else None})
         log.info("mc: calibrated on %d held-out pairs: %s", len(pairs), json.dumps(stats))
