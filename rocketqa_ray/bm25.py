@@ -4,11 +4,15 @@ and the per-pair lexical feature of the reranker's fusion."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rocketqa_ray.data import passage_text
 from rocketqa_ray.errors import DataError
+
+if TYPE_CHECKING:
+    from rocketqa_ray.config import BM25Config
 
 
 class BM25Retriever:
@@ -32,8 +36,7 @@ class BM25Retriever:
         return cls(ids, [passage_text(corpus[i]["title"], corpus[i]["text"]) for i in ids], **kw)
 
     @classmethod
-    def from_config(cls, ids: list[str], texts: list[str], cfg) -> BM25Retriever:
-        """From a `config.BM25Config`."""
+    def from_config(cls, ids: list[str], texts: list[str], cfg: BM25Config) -> BM25Retriever:
         return cls(ids, texts, k1=cfg.k1, b=cfg.b, stem=cfg.stem)
 
     def _tokens(self, queries: list[str]) -> list[list[str]]:

@@ -7,9 +7,10 @@ last linear layer keeps the saved model a plain `sentence_transformers.CrossEnco
 calibrated.
 
 `Fusion` goes one step further: a logistic regression over (calibrated cross-encoder logit, dense score and,
-with `cross.fusion_bm25`, the BM25 score), fit on the same held-out pairs. A small cross-encoder trained for minutes knows things the dual encoder
-does not and vice versa; the fused probability ranks better than either (measured in the README) and is
-still a probability, so the same thresholds apply. It is stored in the cross-encoder's folder.
+with `cross.fusion_bm25`, the BM25 score), fit on the same held-out pairs. A small cross-encoder trained for
+minutes knows things the dual encoder does not and vice versa, and term overlap is a third view; the fused
+probability ranks better than any one of them (measured in the README) and is still a probability, so the
+same thresholds apply. It is stored in the cross-encoder's folder.
 """
 
 from __future__ import annotations
