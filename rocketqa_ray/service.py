@@ -374,6 +374,7 @@ class SearchService:
                                        expect_fingerprint=self.encoder.fingerprint, index_cfg=arts.cfg.index,
                                        bm25=arts.lexical)
         self.reranker = RerankerCore(arts.cross_dir, bf16=bf16, device=device) if arts.cross_dir else None
+        self.fusion = arts.fusion  # read once: the property reads the cross-encoder's meta file
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, **kw: Any) -> SearchService:
@@ -390,7 +391,7 @@ class SearchService:
         scores = self.reranker.score_many([(query, rerank_texts(hits))])[0] if do_rerank else None
         t3 = time.perf_counter()
         message = self.arts.rerank_message if rerank and self.reranker is None else None
-        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message, self.arts.fusion)
+        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message, self.fusion)
 
 
 def search_response(hits: Any, top_k: int, scores: Any, reranked: bool, times: tuple[float, float, float, float],
