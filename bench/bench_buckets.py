@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def rows_for(kind: str, n: int) -> list[dict]:
-    from rocketqa_ray.data import load_beir, load_corpus, passage_text
-    from rocketqa_ray.examples import build_cross_examples, build_dual_examples
+    from rocketqa_ray.data.beir import load_beir, load_corpus, passage_text
+    from rocketqa_ray.data.examples import build_cross_examples, build_dual_examples
 
     data = load_beir(ROOT / "data" / "squad-mini")
     corpus = load_corpus(data.corpus_path)
@@ -45,8 +45,9 @@ def time_steps(kind: str, base: str, buckets: int, rows: list[dict], batch: int,
     import torch
 
     from rocketqa_ray.config import load_config
-    from rocketqa_ray.models import use_bf16
-    from rocketqa_ray.training import CrossTask, DualTask, make_optimizer
+    from rocketqa_ray.modeling.base import use_bf16
+    from rocketqa_ray.train.loop import make_optimizer
+    from rocketqa_ray.train.tasks import CrossTask, DualTask
 
     cfg = load_config("cpu", overrides=[f"model.base={base}", f"cross.base={base}", "model.passage_max_len=256",
                                         f"dual.length_buckets={buckets}", f"cross.length_buckets={buckets}"])

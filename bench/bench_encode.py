@@ -68,7 +68,8 @@ def save_model(base: str, out: Path, layers: int | None = None) -> Path:
     """The dual encoder on `base` (optionally cut to its first `layers` layers), saved like a trained one."""
     from transformers import AutoModel, AutoTokenizer
 
-    from rocketqa_ray.models import DualEncoder, resolve_base
+    from rocketqa_ray.modeling.base import resolve_base
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
     path = resolve_base(base)
     kwargs = {"num_hidden_layers": layers} if layers else {}
@@ -80,8 +81,8 @@ def save_model(base: str, out: Path, layers: int | None = None) -> Path:
 def in_process(model_dir: Path, corpus: Path, batch_size: int, bf16: str, threads: int) -> dict:
     import torch
 
-    from rocketqa_ray.data import iter_corpus, passage_text
-    from rocketqa_ray.models import DualEncoder
+    from rocketqa_ray.data.beir import iter_corpus, passage_text
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
     torch.set_num_threads(threads)
     texts = [passage_text(p["title"], p["text"]) for p in iter_corpus(corpus)]
@@ -95,7 +96,7 @@ def in_process(model_dir: Path, corpus: Path, batch_size: int, bf16: str, thread
 
 
 def ray_data(model_dir: Path, corpus: Path, out: Path, cfg: EncodeConfig) -> dict:
-    from rocketqa_ray.encoding import embeddings_info, encode_corpus
+    from rocketqa_ray.batch.encode import embeddings_info, encode_corpus
 
     t0 = time.perf_counter()
     encode_corpus(corpus, model_dir, out, cfg, overwrite=True)
@@ -110,7 +111,7 @@ def ray_data(model_dir: Path, corpus: Path, out: Path, cfg: EncodeConfig) -> dic
 
 def memory_child(args: argparse.Namespace) -> None:
     """One encoding run in a fresh process; prints the driver's and the workers' peak RSS."""
-    from rocketqa_ray.encoding import embeddings_info, encode_corpus
+    from rocketqa_ray.batch.encode import embeddings_info, encode_corpus
     from rocketqa_ray.ray_utils import ensure_ray
 
     ensure_ray(RayConfig(local_num_cpus=4))
@@ -183,7 +184,7 @@ def main() -> None:
         if not args.skip_throughput:
             import torch
 
-            from rocketqa_ray.models import use_bf16
+            from rocketqa_ray.modeling.base import use_bf16
             from rocketqa_ray.ray_utils import ensure_ray
 
             result["params"]["bf16_active"] = use_bf16(args.bf16, "cpu")

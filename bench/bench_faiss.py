@@ -97,12 +97,13 @@ class Mixture:
 def real_data(args) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Passage embeddings from an encoding job, and the first --queries questions of --real-split encoded
     in-process by the same model (its fingerprint must match the embeddings')."""
-    from rocketqa_ray.encoding import embeddings_info, load_embeddings
-    from rocketqa_ray.models import DualEncoder, fingerprint, resolve_base
+    from rocketqa_ray.batch.encode import embeddings_info, load_embeddings
+    from rocketqa_ray.modeling.base import model_fingerprint, resolve_base
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
     model_dir = resolve_base(args.real_model)
     fp = embeddings_info(args.real_emb).get("model_fingerprint")
-    if fp is not None and fp != fingerprint(model_dir):
+    if fp is not None and fp != model_fingerprint(model_dir):
         raise SystemExit(f"{args.real_emb} was encoded by another model than {args.real_model}")
     ids, emb = load_embeddings(args.real_emb)
     texts = []
@@ -310,7 +311,7 @@ def main() -> None:
         }
         log(f"ivfpq built: {entry}")
         if args.refine != "none":
-            entry["index_bytes_without_refine"] = sum(faiss_bytes(s.base_index) for s in idx._shards)
+            entry["index_bytes_without_refine"] = sum(faiss_bytes(s.base_index) for s in idx.shards)
         sweep = []
         for nprobe in [int(v) for v in args.nprobe.split(",")]:
             for kf in [float(v) for v in args.k_factor.split(",")] if args.refine != "none" else [1.0]:

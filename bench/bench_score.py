@@ -34,7 +34,7 @@ MINI = ROOT / "data" / "squad-mini"
 
 
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    from rocketqa_ray.data import load_corpus, load_qrels, load_queries, passage_text
+    from rocketqa_ray.data.beir import load_corpus, load_qrels, load_queries, passage_text
 
     corpus = load_corpus(MINI / "corpus.jsonl")
     queries = load_queries(MINI / "queries.jsonl")
@@ -54,7 +54,7 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
 def in_process(model_dir: Path, pairs: list[dict], batch_size: int, bf16: str, threads: int) -> dict:
     import torch
 
-    from rocketqa_ray.models import CrossEncoder
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
 
     torch.set_num_threads(threads)
     model = CrossEncoder.load(model_dir)
@@ -67,8 +67,8 @@ def in_process(model_dir: Path, pairs: list[dict], batch_size: int, bf16: str, t
 
 
 def ray_data(model_dir: Path, pairs: list[dict], out: Path, cfg: EncodeConfig) -> dict:
-    from rocketqa_ray.scoring import score_pairs
-    from rocketqa_ray.shards import success_record
+    from rocketqa_ray.batch.score import score_pairs
+    from rocketqa_ray.batch.shards import success_record
 
     t0 = time.perf_counter()
     score_pairs(pairs, model_dir, out, cfg, overwrite=True)
@@ -95,7 +95,8 @@ def main() -> None:
     import torch
 
     from rocketqa_ray.cli import setup_logging
-    from rocketqa_ray.models import CrossEncoder, use_bf16
+    from rocketqa_ray.modeling.base import use_bf16
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
     from rocketqa_ray.ray_utils import ensure_ray
 
     setup_logging()

@@ -190,7 +190,9 @@ def main() -> int:
     from rocketqa_ray.config import RayConfig
     from rocketqa_ray.io import write_json
     from rocketqa_ray.ray_utils import ensure_ray
-    from rocketqa_ray.service import SearchService, demo_queries, find_artifacts, make_demo_run_dir
+    from rocketqa_ray.serving.artifacts import find_artifacts
+    from rocketqa_ray.serving.local import SearchService
+    from rocketqa_ray.testing.demo import demo_queries, make_demo_run_dir
     from serve.app import build_app
 
     tmp = None

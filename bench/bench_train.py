@@ -49,8 +49,8 @@ def make_config(args: argparse.Namespace, workers: int, cross_batch: bool = True
 
 
 def build_examples(args: argparse.Namespace, path: Path) -> list[dict]:
-    from rocketqa_ray.data import load_beir, load_corpus
-    from rocketqa_ray.training import build_dual_examples, write_examples
+    from rocketqa_ray.data.beir import load_beir, load_corpus
+    from rocketqa_ray.data.examples import build_dual_examples, write_examples
 
     data = load_beir(ROOT / "data" / "squad-mini", splits=("train",))
     rows = build_dual_examples(data, load_corpus(data.corpus_path), sorted(data.split("train")), None, 0, seed=0)
@@ -65,8 +65,9 @@ def plain_loop(args: argparse.Namespace, rows: list[dict]) -> dict:
     """The same step as a Ray Train worker runs, in this process, without Ray."""
     import torch
 
-    from rocketqa_ray.models import use_bf16
-    from rocketqa_ray.training import DualTask, make_optimizer
+    from rocketqa_ray.modeling.base import use_bf16
+    from rocketqa_ray.train.loop import make_optimizer
+    from rocketqa_ray.train.tasks import DualTask
 
     cfg = make_config(args, 1)
     torch.set_num_threads(args.threads)
@@ -112,7 +113,7 @@ def plain_loop_niced(args: argparse.Namespace, rows: list[dict], niceness: int =
 
 
 def ray_run(args: argparse.Namespace, examples: Path, workers: int, cross_batch: bool) -> dict:
-    from rocketqa_ray.training import read_history, train_dual
+    from rocketqa_ray.train.launch import read_history, train_dual
 
     cfg = make_config(args, workers, cross_batch)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
@@ -141,7 +142,7 @@ def collectives(args: argparse.Namespace) -> dict:
     from ray.train.torch import TorchTrainer
 
     from rocketqa_ray.config import ModelConfig
-    from rocketqa_ray.models import DualEncoder
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
     n_params = sum(p.numel() for p in DualEncoder.from_base(ModelConfig(base=args.base)).parameters())
     dim = DualEncoder.from_base(ModelConfig(base=args.base)).dim

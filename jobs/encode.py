@@ -25,8 +25,8 @@ from rocketqa_ray.cli import add_config_args, run_main  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> int:
+    from rocketqa_ray.batch.encode import embeddings_info, encode_corpus
     from rocketqa_ray.config import load_config
-    from rocketqa_ray.encoding import embeddings_info, encode_corpus
 
     cfg = load_config(args.preset, args.config, args.overrides)
     # Ray starts only once the corpus has been validated (a bad row fails fast, without a cluster).

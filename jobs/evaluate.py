@@ -63,7 +63,7 @@ def check_retriever(spec: str) -> None:
 
 def load_dual_encoder(spec: str, max_len: int | None):
     from rocketqa_ray.config import ModelConfig
-    from rocketqa_ray.models import DualEncoder
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
     if spec in BASES:
         # Zero-shot: the base model as sentence-transformers ships it (mean pooling, normalised, 256 tokens).
@@ -77,7 +77,7 @@ def load_dual_encoder(spec: str, max_len: int | None):
 
 
 def main(args: argparse.Namespace) -> int:
-    from rocketqa_ray.data import load_beir, load_corpus, passage_text
+    from rocketqa_ray.data.beir import load_beir, load_corpus, passage_text
     from rocketqa_ray.evaluation import full_report, run_from_arrays, write_trec_run
 
     if args.k < 1:
@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if args.retriever in BM25_KINDS:
-        from rocketqa_ray.bm25 import BM25Retriever
+        from rocketqa_ray.retrieval.bm25 import BM25Retriever
 
         bm25 = BM25Retriever(pids, texts, stem=args.retriever == "bm25-stem")
         idx, scores = bm25.search(q_texts, k=args.k)

@@ -21,8 +21,8 @@ from rocketqa_ray.cli import add_config_args, run_main  # noqa: E402
 
 def main(args: argparse.Namespace) -> int:
     from rocketqa_ray.config import load_config
+    from rocketqa_ray.index.build import build_index_from_embeddings
     from rocketqa_ray.io import read_json
-    from rocketqa_ray.retrieval import build_index_from_embeddings
 
     overrides = list(args.overrides) + ([f"index.kind={args.kind}"] if args.kind else [])
     cfg = load_config(args.preset, args.config, overrides)

@@ -19,7 +19,7 @@ from rocketqa_ray.cli import add_config_args, run_main  # noqa: E402
 
 def main(args: argparse.Namespace) -> int:
     from rocketqa_ray.config import load_config
-    from rocketqa_ray.pipeline import Pipeline
+    from rocketqa_ray.pipeline.runner import Pipeline
 
     overrides = list(args.overrides)
     if args.data:

@@ -25,19 +25,19 @@ from rocketqa_ray.cli import add_config_args, run_main  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> int:
+    from rocketqa_ray.batch.encode import resolve_model_dir
     from rocketqa_ray.config import load_config
-    from rocketqa_ray.data import load_beir, load_corpus, passage_text
-    from rocketqa_ray.encoding import resolve_model_dir
+    from rocketqa_ray.data.beir import load_beir, load_corpus, passage_text
     from rocketqa_ray.evaluation import full_report
     from rocketqa_ray.index import DenseIndex
-    from rocketqa_ray.models import fingerprint
-    from rocketqa_ray.retrieval import retrieve, to_run, write_run_parquet, write_trec
+    from rocketqa_ray.modeling.base import model_fingerprint
+    from rocketqa_ray.retrieval.dense import retrieve, to_run, write_run_parquet, write_trec
 
     cfg = load_config(args.preset, args.config, args.overrides)
     data = load_beir(args.data, splits=(args.split,), check_corpus=False)
     qrels = data.split(args.split)
     qids = data.split_queries(args.split)
-    index = DenseIndex.load(args.index, expect_fingerprint=fingerprint(resolve_model_dir(args.model)))
+    index = DenseIndex.load(args.index, expect_fingerprint=model_fingerprint(resolve_model_dir(args.model)))
     t0 = time.perf_counter()
     ranked = retrieve(args.model, index, qids, data.query_texts(qids), args.k, cfg=cfg.encode,
                       use_ray=not args.in_process, ray_cfg=cfg.ray)

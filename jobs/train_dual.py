@@ -25,22 +25,12 @@ from rocketqa_ray.cli import add_config_args, run_main  # noqa: E402
 from rocketqa_ray.errors import ConfigError  # noqa: E402
 
 
-def labelled_train_qids(data, cfg) -> list[str]:
-    """The labelled training questions, held out exactly as the pipeline does."""
-    from rocketqa_ray.data import holdout
-
-    c = cfg.data
-    fracs = {"dev": c.dev_fraction}
-    if not c.unlabeled_queries:
-        fracs["pseudo"] = c.pseudo_fraction
-    train = holdout(sorted(data.split(c.train_split)), fracs, seed=c.seed)["rest"]
-    return train[: c.max_train_queries] if c.max_train_queries else train
-
-
 def main(args: argparse.Namespace) -> int:
     from rocketqa_ray.config import load_config
-    from rocketqa_ray.data import load_beir, load_corpus
-    from rocketqa_ray.training import build_dual_examples, read_history, train_dual, write_examples
+    from rocketqa_ray.data.beir import load_beir, load_corpus
+    from rocketqa_ray.data.examples import build_dual_examples, write_examples
+    from rocketqa_ray.data.splits import split_questions
+    from rocketqa_ray.train.launch import read_history, train_dual
 
     cfg = load_config(args.preset, args.config, args.overrides)
     out = Path(args.out)
@@ -52,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
         examples = out / "train_examples.parquet"
         if not examples.exists():
             data = load_beir(args.data, splits=(cfg.data.train_split,))
-            qids = labelled_train_qids(data, cfg)
+            qids = split_questions(data, cfg.data).train  # held out exactly as the pipeline does
             rows = build_dual_examples(data, load_corpus(data.corpus_path), qids, None, 0, cfg.dual.seed,
                                        split=cfg.data.train_split)
             write_examples(rows, examples)

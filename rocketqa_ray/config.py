@@ -198,9 +198,15 @@ class ServeConfig:
     rerank_top_k: int = 20
 
 
+def _default_stages() -> list[str]:
+    from rocketqa_ray.pipeline.registry import stage_names
+
+    return stage_names(ablations=False)
+
+
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: ["bm25", "zero_shot", "md0", "mc", "md1", "md2", "md2_rerank"])
+    stages: list[str] = field(default_factory=_default_stages)
     ablations: bool = False  # also run in-batch md0, undenoised md1, un-augmented md2
 
 
@@ -227,7 +233,7 @@ def _valid_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`, converting the lossless cases (int -> float, 'true' -> bool)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -239,7 +245,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
@@ -249,7 +255,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, where) for v in value]
+        return [coerce(v, item_tp, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -294,7 +300,7 @@ def _apply_section(obj: Any, values: dict[str, Any], section: str) -> None:
             raise ConfigError(
                 f"unknown config key '{section}.{key}'; valid keys in '{section}': {', '.join(_valid_keys(type(obj)))}"
             )
-        setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+        setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
 
 
 def apply_dict(cfg: Config, values: dict[str, Any], source: str = "config") -> Config:
@@ -379,7 +385,6 @@ CHOICES = {
     "index.kind": ("flat", "ivfpq", "hnsw", "auto"),
     "index.use_gpu": ("auto", "true", "false"),
 }
-STAGES = ("bm25", "zero_shot", "md0", "mc", "md1", "md2", "md2_rerank")
 
 
 def validate(cfg: Config) -> None:
@@ -388,9 +393,12 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of: {', '.join(allowed)}")
+    from rocketqa_ray.pipeline.registry import stage_names
+
+    valid = stage_names(ablations=False)
     for s in cfg.pipeline.stages:
-        if s not in STAGES:
-            raise ConfigError(f"pipeline.stages: unknown stage {s!r}; valid stages: {', '.join(STAGES)}")
+        if s not in valid:
+            raise ConfigError(f"pipeline.stages: unknown stage {s!r}; valid stages: {', '.join(valid)}")
     for dotted in ("data.dev_fraction", "data.pseudo_fraction", "cross.calibration_fraction"):
         section, key = dotted.split(".")
         v = getattr(getattr(cfg, section), key)
@@ -412,7 +420,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.temperature must be > 0")
 
 
-def section_dict(cfg: Config, *sections: str) -> dict[str, Any]:
-    """The named sections as a plain dict: the fingerprint a stage records to detect config changes."""
+# Keys that change how fast, not what, a stage or a training run computes: a run may resume with other values.
+RUNTIME_KEYS = ("log_every", "checkpoint_every", "length_buckets")
+
+
+def stable_sections(cfg: Config, *sections: str) -> dict[str, Any]:
+    """The named sections as a plain dict without RUNTIME_KEYS: what a stage or a training run records to
+    detect config changes on resume."""
     d = cfg.to_dict()
-    return {s: d[s] for s in sections}
+    return {s: {k: v for k, v in d[s].items() if k not in RUNTIME_KEYS} for s in sections}

@@ -19,3 +19,29 @@ class DataError(RocketQAError):
 
 class StageConfigChanged(RocketQAError):
     """A completed pipeline stage is being resumed with a different config."""
+
+
+def user_error(e: BaseException) -> RocketQAError | None:
+    """The RocketQAError behind an exception from a Ray worker (Train worker or Ray Data actor), or None.
+
+    Ray wraps a worker's exception: sometimes as the `__cause__` chain (Ray Data), sometimes only as the
+    worker's traceback text (Ray Train's WorkerGroupError). Both lead to the one-line message the user needs.
+    """
+    import re
+
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, RocketQAError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    m = re.search(r"rocketqa_ray\.errors\.(\w+): (.+)", str(e))
+    cls = globals().get(m.group(1)) if m else None
+    if isinstance(cls, type) and issubclass(cls, RocketQAError):
+        return cls(m.group(2).strip())
+    return None
+
+
+class ServiceError(RocketQAError):
+    """The RUN_DIR cannot be served (missing model/index, mismatched files, bad service arguments)."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from rocketqa_ray.distributed import gather_no_grad, gather_with_grad, world
 
 PAD_KEY = -1  # passage key of a padding slot (a query with fewer hard negatives than the batch layout)
 
@@ -24,38 +25,6 @@ PAD_KEY = -1  # passage key of a padding slot (a query with fewer hard negatives
 def passage_key(pid: str) -> int:
     """A stable non-negative 63-bit key for a passage id (Python's `hash` differs between processes)."""
     return int.from_bytes(hashlib.blake2b(pid.encode("utf-8"), digest_size=8).digest(), "little") >> 1
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather `x` [n, ...] from every worker along dim 0 -> [world * n, ...], rank r's rows at r * n.
-
-    Autograd-aware: the backward is a reduce-scatter that *sums* the gradient every worker computed
-    for rank r's rows and hands it to rank r. Every worker must call this with the same shape.
-    """
-    _, size = world()
-    if size == 1:
-        return x
-    from torch.distributed._functional_collectives import all_gather_single_autograd
-
-    # An AsyncCollectiveTensor: the first op that reads it waits for the collective.
-    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather a tensor that needs no gradient (passage keys) -> [world * n, ...]."""
-    _, size = world()
-    if size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, 0)
 
 
 def contrastive_loss(

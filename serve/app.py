@@ -27,21 +27,22 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rocketqa_ray.config import BM25Config, IndexConfig, ServeConfig, _coerce
-from rocketqa_ray.errors import ConfigError
-from rocketqa_ray.service import (
+from rocketqa_ray.config import BM25Config, IndexConfig, ServeConfig, coerce
+from rocketqa_ray.errors import ConfigError, ServiceError
+from rocketqa_ray.serving.api import (
     MAX_BODY_BYTES,
     MAX_TOP_K,
     BadRequest,
+    parse_search_request,
+    search_response,
+)
+from rocketqa_ray.serving.artifacts import find_artifacts
+from rocketqa_ray.serving.components import (
     QueryEncoderCore,
     RerankerCore,
     RetrieverCore,
-    ServiceError,
     candidate_depth,
-    find_artifacts,
-    parse_search_request,
     rerank_texts,
-    search_response,
     set_torch_threads,
 )
 
@@ -241,9 +242,9 @@ def parse_args(args: dict[str, Any] | None) -> tuple[AppArgs, dict[str, Any]]:
         if isinstance(value, str) and value.lower() in ("on", "off"):
             value = value.lower() == "on"  # batching=off reads naturally on a command line
         if key in own:
-            setattr(app_args, key, _coerce(value, own[key], key))
+            setattr(app_args, key, coerce(value, own[key], key))
         elif key in serve_fields:
-            overrides[key] = _coerce(value, serve_fields[key], key)
+            overrides[key] = coerce(value, serve_fields[key], key)
         else:
             raise ConfigError(f"unknown argument {key!r}; valid arguments: {', '.join([*own, *serve_fields])}")
     if not app_args.run_dir:
@@ -269,9 +270,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     scfg = dataclasses.replace(arts.cfg.serve, **overrides)
     if scfg.max_batch_size < 1 or scfg.batch_wait_timeout_s < 0 or scfg.max_query_chars < 1 or scfg.rerank_top_k < 1:
         raise ConfigError("max_batch_size, max_query_chars and rerank_top_k must be >= 1, batch_wait_timeout_s >= 0")
-    from rocketqa_ray.models import fingerprint
+    from rocketqa_ray.modeling.base import model_fingerprint
 
-    fp = fingerprint(arts.model_dir)
+    fp = model_fingerprint(arts.model_dir)
     dim = _model_dim(arts.model_dir)
     bf16 = arts.cfg.encode.bf16
     device = "cuda" if app_args.num_gpus > 0 else "cpu"

@@ -30,7 +30,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """Path of the tiny random-weight BERT (built once, cached)."""
-    from rocketqa_ray.models import resolve_base
+    from rocketqa_ray.modeling.base import resolve_base
 
     return resolve_base("tiny")
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from rocketqa_ray.config import Config, ModelConfig
-from rocketqa_ray.gradcache import cached_backward, split_features
 from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, listwise_loss, passage_key
-from rocketqa_ray.models import DualEncoder
-from rocketqa_ray.training import DualTask
+from rocketqa_ray.modeling.dual_encoder import DualEncoder
+from rocketqa_ray.train.gradcache import cached_backward, split_features
+from rocketqa_ray.train.tasks import DualTask
 
 
 def _emb(n: int, h: int = 8, seed: int = 0) -> torch.Tensor:
@@ -164,7 +164,7 @@ def test_length_buckets_give_the_loss_and_gradients_of_one_batch(tiny_dual):
 
 
 def test_length_bucketed_restores_input_order():
-    from rocketqa_ray.training import length_bucketed
+    from rocketqa_ray.train.tasks import length_bucketed
 
     lengths = [5, 1, 9, 3, 7, 2, 8]
     seen: list[list[int]] = []

@@ -1,0 +1,1 @@
+"""Ray Data: resumable sharded batch jobs - corpus encoding and cross-encoder pair scoring."""

@@ -1,0 +1,1 @@
+"""Data: BEIR readers and validation, the question splits, training examples."""

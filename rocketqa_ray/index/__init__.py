@@ -1,0 +1,5 @@
+"""FAISS: which index to build (factory), building it (build), holding and searching it (dense), files (store)."""
+
+from rocketqa_ray.index.dense import DenseIndex
+
+__all__ = ["DenseIndex"]

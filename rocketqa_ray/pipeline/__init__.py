@@ -1,0 +1,1 @@
+"""The four RocketQA steps as resumable stages (registry, runner, context, stages/, report)."""

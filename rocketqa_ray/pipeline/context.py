@@ -1,0 +1,93 @@
+"""What every stage reads: the dataset, the corpus, the question splits and BM25, each loaded once, when first
+needed, and the RUN_DIR's stage folders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rocketqa_ray.config import Config
+from rocketqa_ray.data.beir import BeirData, load_beir, load_corpus, passage_text
+from rocketqa_ray.data.splits import Splits, split_questions
+from rocketqa_ray.types import PairScores
+
+if TYPE_CHECKING:
+    from rocketqa_ray.retrieval.bm25 import BM25Retriever
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    """Lazy access to one run's data; stages share it, so each piece is loaded at most once per driver."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self._data: BeirData | None = None
+        self._corpus: dict[str, dict] | None = None
+        self._splits: Splits | None = None
+        self._bm25: BM25Retriever | None = None
+
+    @property
+    def data(self) -> BeirData:
+        if self._data is None:
+            self._data = load_beir(self.cfg.data.path, splits=(self.cfg.data.train_split, self.cfg.data.test_split))
+        return self._data
+
+    @property
+    def corpus(self) -> dict[str, dict]:
+        if self._corpus is None:
+            self._corpus = load_corpus(self.data.corpus_path)
+        return self._corpus
+
+    @property
+    def splits(self) -> Splits:
+        if self._splits is None:
+            self._splits = split_questions(self.data, self.cfg.data)
+        return self._splits
+
+    @property
+    def train_qrels(self) -> dict[str, dict[str, int]]:
+        return self.data.split(self.cfg.data.train_split)
+
+    @property
+    def test_qrels(self) -> dict[str, dict[str, int]]:
+        return self.data.split(self.cfg.data.test_split)
+
+    def ptext(self, pid: str) -> str:
+        """A passage as the encoders see it (title and text)."""
+        c = self.corpus[pid]
+        return passage_text(c["title"], c["text"])
+
+    def qtext(self, qid: str) -> str:
+        if qid in self.data.queries:
+            return self.data.queries[qid]["text"]
+        return self.splits.unlabeled_texts[qid]
+
+    @property
+    def bm25(self) -> BM25Retriever:
+        """The corpus's BM25 index (`bm25` config section), built once per run of the driver."""
+        from rocketqa_ray.retrieval.bm25 import BM25Retriever
+
+        if self._bm25 is None:
+            ids = list(self.corpus)
+            self._bm25 = BM25Retriever.from_config(ids, [self.ptext(i) for i in ids], self.cfg.bm25)
+        return self._bm25
+
+    def bm25_scores(self, pairs: list[tuple[str, str]]) -> PairScores:
+        q = {qid: self.qtext(qid) for qid, _ in pairs}
+        return dict(zip(pairs, self.bm25.score_pairs(pairs, q).tolist()))
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+class TextView:
+    """A read-only {pid: passage text} view for answer accuracy, without building a second dict."""
+
+    def __init__(self, ctx: Context):
+        self._ctx = ctx
+
+    def __getitem__(self, pid: str) -> str:
+        return self._ctx.ptext(pid)

@@ -1,0 +1,124 @@
+"""Runs the registered stages in order, resumably.
+
+Each stage writes into RUN_DIR/<stage>/ and marks itself complete (`_COMPLETE.json`, written last and
+atomically) with a fingerprint of the config sections it reads and of its upstream stages. A rerun skips
+complete stages with the same fingerprint and refuses to mix runs when the fingerprint changed.
+Inside a stage, the heavy parts resume on their own (encoding/scoring shards, training checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from rocketqa_ray.config import Config, stable_sections
+from rocketqa_ray.errors import StageConfigChanged
+from rocketqa_ray.io import read_json, write_json
+from rocketqa_ray.pipeline.context import Context
+from rocketqa_ray.pipeline.registry import Stage, StageResult, stage_names, stages
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "_COMPLETE.json"
+
+
+class Pipeline:
+    """The whole job over one RUN_DIR: `run()` runs the configured stages (and their upstream ones) in order."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, preset: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.preset = preset
+        self.ctx = Context(cfg, self.run_dir)
+        self.results: dict[str, StageResult] = {}
+        self._digests: dict[str, str] = {}
+        self._stages = stages()
+
+    def stage_fingerprint(self, st: Stage) -> dict:
+        """What a completed stage must match to be reused: its config sections and its upstream stages' digests."""
+        sections = stable_sections(self.cfg, *st.sections)
+        if st.variant:
+            sections["variant"] = st.name
+        deps = {d: self._digests[d] for d in st.deps if d in self._digests}
+        return {"config": sections, "deps": deps}
+
+    def run_stage(self, name: str) -> StageResult:
+        if name in self.results:
+            return self.results[name]
+        st = self._stages[name]
+        for dep in st.deps:
+            self.run_stage(dep)
+        d = self.run_dir / name
+        fp = self.stage_fingerprint(st)
+        digest = hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        marker = d / COMPLETE
+        if marker.exists():
+            done = read_json(marker)
+            if done.get("digest") != digest:
+                raise StageConfigChanged(
+                    f"stage '{name}' in {d} was completed with a different config ({diff(done.get('fingerprint', {}), fp)}); "
+                    f"use a new --out directory, or delete {d} (and the stages after it) to redo it"
+                )
+            log.info("stage %s: already complete, skipping (%.0f s before)", name, done.get("seconds", 0))
+            res = StageResult(done.get("metrics", {}), done.get("stats", {}), done.get("seconds", 0.0))
+        else:
+            log.info("stage %s: starting", name)
+            t0 = time.time()
+            d.mkdir(parents=True, exist_ok=True)
+            res = st.run(self.ctx, self.cfg, d)
+            res.seconds = round(time.time() - t0, 1)
+            write_json(marker, {"stage": name, "digest": digest, "fingerprint": fp, "metrics": res.metrics,
+                                "stats": res.stats, "seconds": res.seconds})
+            log.info("stage %s: done in %.0f s %s", name, res.seconds, json.dumps(res.metrics))
+        self._digests[name] = digest
+        self.results[name] = res
+        return res
+
+    def run(self, names: list[str] | None = None) -> dict:
+        names = list(names or self.cfg.pipeline.stages)
+        if self.cfg.pipeline.ablations:
+            names += [a for a in stage_names(ablations=True) if a not in names]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        saved = self.cfg.to_dict()
+        saved["data"]["path"] = str(Path(self.cfg.data.path).resolve())
+        write_json(self.run_dir / "config.json", saved)
+        order = list(self._stages)
+        for name in sorted(names, key=order.index):
+            self.run_stage(name)
+            self.write_report()
+        return self.write_report()
+
+    def write_report(self) -> dict:
+        from rocketqa_ray.pipeline.report import write_reports
+
+        order = [s for s in self._stages if s in self.results]
+        splits = self.ctx.splits
+        report = {
+            "stages": {s: self.results[s].metrics for s in order if self.results[s].metrics},
+            "stats": {s: self.results[s].stats for s in order if self.results[s].stats},
+            "timings_s": {s: r.seconds for s, r in self.results.items()},
+            "data": str(self.cfg.data.path),
+            "preset": self.preset,
+            "splits": {"train": len(splits.train), "pseudo": len(splits.pseudo), "dev": len(splits.dev),
+                       "test": len(splits.test)},
+        }
+        write_json(self.run_dir / "report.json", report)
+        write_reports(report, self.run_dir)
+        return report
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> str:
+    """First few differing keys between two fingerprints, as 'a.b: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = diff(a, b, f"{prefix}{k}.")
+            if sub:
+                out.append(sub)
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return "; ".join(out[:5])

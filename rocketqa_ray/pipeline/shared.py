@@ -1,0 +1,178 @@
+"""Pieces several stages share: encode + index a dual encoder's corpus, retrieve, evaluate, score pairs with the
+cross-encoder, train a dual encoder, rerank a stage's test run. Each takes the run's `Context`; the Ray work
+happens inside the Ray Data and Ray Train wrappers these call."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rocketqa_ray.config import Config
+from rocketqa_ray.evaluation import full_report, write_trec_run
+from rocketqa_ray.io import read_json
+from rocketqa_ray.pipeline.context import Context, TextView
+from rocketqa_ray.types import PairScores, RankedHits, RankedIds, Run
+
+if TYPE_CHECKING:
+    from rocketqa_ray.index import DenseIndex
+    from rocketqa_ray.retrieval.fusion import Fusion
+
+TRAIN_TOP = "train_top.json"  # md0's top-k for the labelled training questions, gold excluded
+
+
+def start_ray(ctx: Context) -> None:
+    from rocketqa_ray.ray_utils import ensure_ray
+
+    ensure_ray(ctx.cfg.ray)
+
+
+def evaluate(ctx: Context, run: Run, d: Path, name: str) -> dict:
+    """The test-split metrics of `run` (and answer accuracy where the data has answers); writes d/test.trec."""
+    write_trec_run(run, d / "test.trec", tag=name)
+    test = ctx.splits.test
+    answers = {q: ctx.data.queries[q]["answers"] for q in test}
+    has = ctx.data.has_answers(test)
+    return full_report(run, ctx.test_qrels, answers if has else None, TextView(ctx), ctx.cfg.eval.answer_k)
+
+
+def dense_index(ctx: Context, model_dir: Path, d: Path) -> DenseIndex:
+    """Encode the corpus with Ray Data and build (or load) the FAISS index for `model_dir`."""
+    from rocketqa_ray.batch.encode import encode_corpus, load_embeddings
+    from rocketqa_ray.index import DenseIndex
+    from rocketqa_ray.modeling.base import model_fingerprint
+
+    start_ray(ctx)
+    fp = model_fingerprint(model_dir)
+    if (d / "index" / "meta.json").exists():
+        return DenseIndex.load(d / "index", expect_fingerprint=fp)
+    emb_dir = encode_corpus(str(ctx.data.corpus_path), str(model_dir), str(d / "embeddings"), ctx.cfg.encode)
+    ids, emb = load_embeddings(emb_dir)
+    index = DenseIndex.build(emb, ids, ctx.cfg.index, model_fingerprint=fp)
+    index.save(d / "index")
+    return index
+
+
+def retrieve(ctx: Context, model_dir: Path, index: DenseIndex, qids: list[str], k: int,
+             exclude: dict[str, set[str]] | None = None) -> RankedHits:
+    from rocketqa_ray.retrieval.dense import retrieve as retrieve_dense
+
+    return retrieve_dense(str(model_dir), index, qids, [ctx.qtext(q) for q in qids], k, exclude=exclude,
+                          cfg=ctx.cfg.encode)
+
+
+def dense_eval(ctx: Context, model_dir: Path, d: Path, name: str) -> tuple[dict, DenseIndex]:
+    """Index the corpus with `model_dir`, retrieve for the test questions, evaluate."""
+    index = dense_index(ctx, model_dir, d)
+    ranked = retrieve(ctx, model_dir, index, ctx.splits.test, ctx.cfg.eval.depth)
+    run = {q: dict(items) for q, items in ranked.items()}
+    return evaluate(ctx, run, d, name), index
+
+
+def heldout_eval(ctx: Context, model_dir: Path, index: DenseIndex) -> dict:
+    """MRR@10 / R@20 on the step-4 questions whose labels are hidden (none of steps 1-3 train on them): a
+    dev figure for choosing settings without looking at the test split."""
+    from rocketqa_ray.evaluation import evaluate_run
+
+    qrels = ctx.train_qrels
+    qids = [q for q in ctx.splits.pseudo if q in qrels]
+    if not qids:
+        return {}
+    ranked = retrieve(ctx, model_dir, index, qids, 20)
+    m = evaluate_run({q: dict(v) for q, v in ranked.items()}, {q: qrels[q] for q in qids}, ("mrr@10", "recall@20"))
+    return {"heldout_questions": len(qids), **{f"heldout_{k}": v for k, v in m.items()}}
+
+
+def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Path | None = None) -> PairScores:
+    """Cross-encoder probabilities for (qid, pid) pairs, through the Ray Data scoring job (resumable)."""
+    from rocketqa_ray.batch.score import load_scores, score_pairs
+
+    start_ray(ctx)
+    rows = [{"qid": q, "pid": p, "query": ctx.qtext(q), "passage": ctx.ptext(p)} for q, p in pairs]
+    out = score_pairs(rows, str(model_dir or ctx.stage_dir("mc") / "model"), str(d), ctx.cfg.encode)
+    return load_scores(out)
+
+
+def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], init: Path | None = None) -> Path:
+    """Write the examples (once) and train a dual encoder on Ray Train into d/model; a stage that continues from
+    a previous dual encoder (`init`) trains for `dual.continue_epochs` when set."""
+    from rocketqa_ray.data.examples import write_examples
+    from rocketqa_ray.train.launch import train_dual
+
+    start_ray(ctx)
+    if init is not None and cfg.dual.continue_epochs is not None:
+        cfg = replace(cfg, dual=replace(cfg.dual, epochs=cfg.dual.continue_epochs))
+    ex = d / "train_examples.parquet"
+    if not ex.exists():
+        write_examples(rows, ex)
+    return Path(train_dual(cfg, str(ex), str(d), init_model=str(init) if init else None, name=d.name))
+
+
+def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,
+                  positives: dict[str, str] | None = None) -> list[dict]:
+    """Dual-encoder rows for `qids`: gold (or given pseudo) positives, `dual.num_hard_negatives` drawn from
+    each question's `negatives` pool (none for step 1)."""
+    from rocketqa_ray.data.examples import build_dual_examples
+
+    cfg = ctx.cfg
+    return build_dual_examples(
+        ctx.data, ctx.corpus, qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
+        cfg.mining.seed, split=cfg.data.train_split,
+        positives={q: {p: 1} for q, p in positives.items()} if positives is not None else None,
+        queries={q: ctx.qtext(q) for q in qids} if positives is not None else None)
+
+
+def gold_positive(ctx: Context, qids: list[str]) -> dict[str, str]:
+    """One positive per question (the first listed); SQuAD has exactly one."""
+    qrels = ctx.train_qrels
+    return {q: next(iter(qrels[q])) for q in qids}
+
+
+def train_top(ctx: Context, stage: str = "md0") -> RankedIds:
+    """The stage's top-k for the labelled training questions, gold excluded (hard-negative candidates)."""
+    return read_json(ctx.stage_dir(stage) / TRAIN_TOP)
+
+
+def fusion(ctx: Context) -> Fusion | None:
+    from rocketqa_ray.retrieval.fusion import load_fusion
+
+    return load_fusion(ctx.stage_dir("mc") / "model", ctx.cfg.cross.fusion)
+
+
+def dense_scores(ctx: Context, stage: str, pairs: list[tuple[str, str]]) -> np.ndarray:
+    """A dense stage's scores q . p for (qid, pid) pairs, from its corpus embeddings (queries encoded here)."""
+    from rocketqa_ray.batch.encode import load_embeddings
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
+
+    model = DualEncoder.load(ctx.stage_dir(stage) / "model")
+    ids, emb = load_embeddings(ctx.stage_dir(stage) / "embeddings")
+    row = {pid: i for i, pid in enumerate(ids)}
+    qids = sorted({q for q, _ in pairs})
+    qemb = dict(zip(qids, model.encode([ctx.qtext(q) for q in qids], "query", ctx.cfg.encode.batch_size,
+                                       ctx.cfg.encode.bf16)))
+    return np.array([float(qemb[q] @ emb[row[p]]) for q, p in pairs])
+
+
+def rerank_eval(ctx: Context, stage: str, d: Path) -> tuple[dict, dict]:
+    """Rerank `stage`'s test run (its top `eval.rerank_top_k`) with the cross-encoder - fused with the retriever
+    and BM25 scores when the run has a fusion - and evaluate; the cross-encoder alone is reported alongside."""
+    from rocketqa_ray.evaluation import evaluate_run, read_trec_run
+    from rocketqa_ray.retrieval.fusion import fuse_scores, rerank
+
+    run = read_trec_run(ctx.stage_dir(stage) / "test.trec")
+    ranked = {q: sorted(v.items(), key=lambda x: -x[1]) for q, v in run.items()}
+    top = ctx.cfg.eval.rerank_top_k
+    pairs = [(q, p) for q, items in ranked.items() for p, _ in items[:top]]
+    scores = ce_scores(ctx, pairs, d / "test_scores")
+    stats: dict = {"reranked_depth": top, "pairs_scored": len(pairs)}
+    fused = fusion(ctx)
+    if fused is not None:
+        # the cross-encoder alone, for comparison; the row in the report is the fused reranker
+        # (metrics only: the stage's test.trec and answer accuracy are the fused run's)
+        ce_only = evaluate_run(rerank(ranked, scores, top), ctx.test_qrels, ("mrr@10", "recall@5"))
+        stats.update({"scores": "fused", "fusion_features": "ce+dense+bm25" if fused.uses_bm25 else "ce+dense",
+                      **{f"ce_only_{k}": v for k, v in ce_only.items()}})
+        scores = fuse_scores(ranked, scores, fused, ctx.bm25_scores(pairs) if fused.uses_bm25 else None)
+    return evaluate(ctx, rerank(ranked, scores, top), d, d.name), stats

@@ -1,0 +1,52 @@
+"""Step 1: the dual encoder M_D0, trained on gold positives with cross-batch negatives (Ray Train); its top-k for
+the training questions become the hard-negative candidates of steps 2 and 3."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from rocketqa_ray.config import Config
+from rocketqa_ray.io import write_json
+from rocketqa_ray.pipeline.context import Context
+from rocketqa_ray.pipeline.registry import StageResult, stage
+from rocketqa_ray.pipeline.shared import (
+    TRAIN_TOP,
+    dense_eval,
+    dual_examples,
+    heldout_eval,
+    retrieve,
+    train_dual_encoder,
+)
+from rocketqa_ray.rocketqa.negatives import exclude_gold
+
+SECTIONS = ("data", "model", "dual", "index", "eval")
+
+
+def train_md0(ctx: Context, cfg: Config, d: Path, mine: bool) -> StageResult:
+    """Train on the labelled training questions, evaluate; with `mine`, write their top `mining.top_k`
+    (gold excluded) to d/train_top.json."""
+    train = ctx.splits.train
+    model_dir = train_dual_encoder(ctx, cfg, d, dual_examples(ctx, train, None))
+    metrics, index = dense_eval(ctx, model_dir, d, d.name)
+    stats = {"train_questions": len(train), "cross_batch": cfg.dual.cross_batch, "workers": cfg.ray.num_workers,
+             "negatives_per_query": cfg.dual.batch_size * (cfg.ray.num_workers if cfg.dual.cross_batch else 1) - 1,
+             **heldout_eval(ctx, model_dir, index)}
+    if mine:
+        qrels = ctx.train_qrels
+        k = cfg.mining.top_k
+        ranked = retrieve(ctx, model_dir, index, train, k, exclude={q: set(qrels[q]) for q in train})
+        write_json(d / TRAIN_TOP, exclude_gold({q: [p for p, _ in v] for q, v in ranked.items()}, qrels, k))
+    return StageResult(metrics, stats)
+
+
+@stage("md0", sections=SECTIONS, label="M_D0: cross-batch negatives", variant=True, retriever=True,
+       paper_mrr10=33.3)
+def md0(ctx: Context, cfg: Config, d: Path) -> StageResult:
+    return train_md0(ctx, cfg, d, mine=True)
+
+
+@stage("md0_inbatch", sections=SECTIONS, label="ablation: M_D0 in-batch only", ablation=True, variant=True,
+       retriever=True, paper_mrr10=32.4)
+def md0_inbatch(ctx: Context, cfg: Config, d: Path) -> StageResult:
+    return train_md0(ctx, replace(cfg, dual=replace(cfg.dual, cross_batch=False)), d, mine=False)

@@ -1,0 +1,107 @@
+"""Step 2: the cross-encoder M_C, trained on question groups (gold positive + negatives sampled from M_D0's
+top-k), then calibrated into probabilities and fused with the retriever and BM25 scores on held-out groups."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from rocketqa_ray.config import Config
+from rocketqa_ray.data.splits import holdout
+from rocketqa_ray.io import atomic_dir, read_json, write_json
+from rocketqa_ray.pipeline.context import Context
+from rocketqa_ray.pipeline.registry import StageResult, stage
+from rocketqa_ray.pipeline.shared import (
+    ce_scores,
+    dense_scores,
+    gold_positive,
+    rerank_eval,
+    start_ray,
+    train_top,
+)
+from rocketqa_ray.rocketqa.negatives import sample_negatives
+
+log = logging.getLogger(__name__)
+CALIBRATION = "calibration.json"
+
+
+@stage("mc", deps=("md0",), sections=("data", "cross", "mining", "eval", "bm25"), label="M_C reranking M_D0 top-k")
+def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
+    from rocketqa_ray.data.examples import build_cross_examples, write_examples
+    from rocketqa_ray.train.launch import train_cross
+
+    start_ray(ctx)
+    c = cfg.cross
+    train = ctx.splits.train
+    pos = gold_positive(ctx, train)
+    negs = sample_negatives(train_top(ctx, "md0"), c.num_negatives, seed=cfg.mining.seed)
+    parts = holdout(train, {"calib": c.calibration_fraction}, seed=cfg.mining.seed)
+    queries = {q: ctx.qtext(q) for q in train}
+    ex = d / "train_examples.parquet"
+    if not ex.exists():
+        write_examples(build_cross_examples(queries, {q: pos[q] for q in parts["rest"]}, negs, ctx.ptext), ex)
+    raw = train_cross(cfg, str(ex), str(d / "train"), name="mc")
+    stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss}
+    if not (d / "model").exists():
+        stats.update(calibrate(ctx, cfg, raw, parts["calib"], pos, negs, d))
+    elif (d / CALIBRATION).exists():
+        stats.update(read_json(d / CALIBRATION))
+    # M_C's quality: rerank M_D0's test top-k
+    metrics, rerank_stats = rerank_eval(ctx, "md0", d)
+    return StageResult(metrics, {**stats, **rerank_stats})
+
+
+def top1(pairs: list[tuple[str, str]], score: np.ndarray, pos: dict[str, str]) -> float:
+    """The fraction of questions whose positive scores highest in its group."""
+    by_q: dict[str, list[tuple[float, bool]]] = {}
+    for (q, p), v in zip(pairs, score):
+        by_q.setdefault(q, []).append((float(v), p == pos[q]))
+    return round(float(np.mean([max(v)[1] for v in by_q.values()])), 4)
+
+
+def calibrate(ctx: Context, cfg: Config, raw: Path, calib: list[str], pos: dict[str, str],
+              negs: dict[str, list[str]], d: Path) -> dict:
+    """Platt-scale the trained cross-encoder on held-out question groups, fit the fusion, save it as `d/model`."""
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
+    from rocketqa_ray.retrieval.fusion import fit_fusion, logits_from_probs
+    from rocketqa_ray.rocketqa.calibration import fit_platt, fold_into_head
+
+    pairs = [(q, p) for q in calib for p in [pos[q], *negs.get(q, [])]]
+    if not calib or not any(negs.get(q) for q in calib):
+        with atomic_dir(d / "model") as tmp:
+            shutil.copytree(raw, tmp, dirs_exist_ok=True)
+        return {"calibrated": False}
+    scores = ce_scores(ctx, pairs, d / "calib_scores", model_dir=raw)
+    labels = np.array([1.0 if p == pos[q] else 0.0 for q, p in pairs])
+    logits = logits_from_probs(np.array([scores[x] for x in pairs]))
+    a, b = fit_platt(logits, labels)
+    model = CrossEncoder.load(raw)
+    fold_into_head(model.model, a, b)
+    calibrated = 1 / (1 + np.exp(-(a * logits + b)))
+    stats = {
+        "calibrated": True, "calib_questions": len(calib), "calib_pairs": len(pairs),
+        "platt_a": round(a, 4), "platt_b": round(b, 4),
+        "calib_top1_acc": top1(pairs, calibrated, pos),
+        "calib_mean_prob_pos": round(float(calibrated[labels == 1].mean()), 4),
+        "calib_mean_prob_neg": round(float(calibrated[labels == 0].mean()), 4),
+    }
+    fusion = None
+    if cfg.cross.fusion:
+        dense = dense_scores(ctx, "md0", pairs)
+        lexical = None
+        if cfg.cross.fusion_bm25:
+            lexical = ctx.bm25.score_pairs(pairs, {q: ctx.qtext(q) for q, _ in pairs})
+        fusion = fit_fusion(calibrated, dense, labels, lexical)
+        stats.update({"fusion": {k: round(v, 4) for k, v in fusion.to_dict().items()},
+                      "calib_top1_acc_dense": top1(pairs, dense, pos),
+                      "calib_top1_acc_fused": top1(pairs, fusion(calibrated, dense, lexical), pos)})
+        if lexical is not None:
+            stats["calib_top1_acc_bm25"] = top1(pairs, lexical, pos)
+    write_json(d / CALIBRATION, stats)
+    model.save(d / "model", extra_meta={"calibration": stats, "fusion": fusion.to_dict() if fusion else None})
+    log.info("mc: calibrated on %d held-out pairs: %s", len(pairs), json.dumps(stats))
+    return stats

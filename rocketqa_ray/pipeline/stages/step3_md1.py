@@ -1,0 +1,75 @@
+"""Step 3: the dual encoder M_D1, trained with hard negatives from M_D0's top-k (and optionally BM25's), minus
+those the cross-encoder finds likely positive (denoising); the ablation trains on them undenoised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rocketqa_ray.config import Config
+from rocketqa_ray.evaluation import has_answer
+from rocketqa_ray.io import write_json
+from rocketqa_ray.pipeline.context import Context
+from rocketqa_ray.pipeline.registry import StageResult, stage
+from rocketqa_ray.pipeline.shared import (
+    ce_scores,
+    dense_eval,
+    dual_examples,
+    heldout_eval,
+    train_dual_encoder,
+    train_top,
+)
+from rocketqa_ray.rocketqa.denoise import answer_rates, denoise
+from rocketqa_ray.rocketqa.negatives import exclude_gold
+from rocketqa_ray.types import RankedIds
+
+SECTIONS = ("data", "model", "dual", "mining", "index", "eval")
+POOL = "hard_negative_pool.json"
+
+
+def bm25_negatives(ctx: Context, qids: list[str], n: int) -> RankedIds:
+    """BM25's top `n` passages per question, its labelled positives excluded."""
+    qrels = ctx.train_qrels
+    extra = max((len(qrels.get(q, {})) for q in qids), default=0)
+    idx, _ = ctx.bm25.search([ctx.qtext(q) for q in qids], k=n + extra)
+    ranked = {q: [ctx.bm25.ids[j] for j in row] for q, row in zip(qids, idx)}
+    return exclude_gold(ranked, qrels, n)
+
+
+def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult:
+    m = cfg.mining
+    train = ctx.splits.train
+    cands = {q: v[: m.denoise_top] for q, v in train_top(ctx, "md0").items()}
+    stats: dict = {}
+    if m.bm25_negatives:
+        lexical = bm25_negatives(ctx, train, m.bm25_negatives)
+        cands = {q: list(dict.fromkeys(cands.get(q, []) + lexical.get(q, []))) for q in train}
+        stats["pool_per_question"] = round(sum(map(len, cands.values())) / max(1, len(cands)), 2)
+    if denoised and m.denoise:
+        scores = ce_scores(ctx, [(q, p) for q, ps in cands.items() for p in ps], d / "denoise_scores")
+        res = denoise(cands, scores, m.denoise_threshold, m.denoise_top + m.bm25_negatives)
+        pool = res.kept
+        stats.update(res.stats)
+        if ctx.data.has_answers(train):
+            stats.update(answer_rates(res, {q: ctx.data.queries[q]["answers"] for q in train}, has_answer, ctx.ptext))
+    else:
+        pool = cands
+    write_json(d / POOL, pool)
+    rows = dual_examples(ctx, train, pool)
+    init = ctx.stage_dir("md0") / "model" if cfg.dual.init == "previous" else None
+    model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
+    metrics, index = dense_eval(ctx, model_dir, d, d.name)
+    stats["train_questions"] = len(rows)
+    stats.update(heldout_eval(ctx, model_dir, index))
+    return StageResult(metrics, stats)
+
+
+@stage("md1", deps=("md0", "mc"), sections=SECTIONS, label="M_D1: + denoised hard negatives", retriever=True,
+       paper_mrr10=36.4)
+def md1(ctx: Context, cfg: Config, d: Path) -> StageResult:
+    return train_md1(ctx, cfg, d, denoised=True)
+
+
+@stage("md1_undenoised", deps=("md0",), sections=SECTIONS, label="ablation: M_D1 without denoising", ablation=True,
+       variant=True, retriever=True)
+def md1_undenoised(ctx: Context, cfg: Config, d: Path) -> StageResult:
+    return train_md1(ctx, cfg, d, denoised=False)

@@ -1,0 +1,58 @@
+"""Step 4: the dual encoder M_D2, trained on step 3's examples plus pseudo-labelled questions: M_D1 retrieves
+for the unlabelled questions, the (fused) cross-encoder labels a confident positive and confident negatives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rocketqa_ray.config import Config
+from rocketqa_ray.pipeline.context import Context
+from rocketqa_ray.pipeline.registry import StageResult, stage
+from rocketqa_ray.pipeline.shared import (
+    ce_scores,
+    dense_eval,
+    dual_examples,
+    fusion,
+    retrieve,
+    train_dual_encoder,
+)
+from rocketqa_ray.rocketqa.pseudo_label import pseudo_label
+
+
+def read_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+@stage("md2", deps=("md1", "mc"), sections=("data", "model", "dual", "mining", "index", "eval"),
+       label="M_D2: + pseudo-labels", retriever=True, paper_mrr10=37.0)
+def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
+    from rocketqa_ray.index import DenseIndex
+    from rocketqa_ray.modeling.base import model_fingerprint
+    from rocketqa_ray.retrieval.fusion import fuse_scores
+
+    m = cfg.mining
+    md1 = ctx.stage_dir("md1")
+    md1_model = md1 / "model"
+    rows = read_rows(md1 / "train_examples.parquet")
+    stats: dict = {"labelled_questions": len(rows)}
+    pseudo_q = ctx.splits.pseudo
+    if m.pseudo and pseudo_q:
+        index = DenseIndex.load(md1 / "index", expect_fingerprint=model_fingerprint(md1_model))
+        ranked = retrieve(ctx, md1_model, index, pseudo_q, m.pseudo_top_k)
+        cands = {q: [p for p, _ in v] for q, v in ranked.items()}
+        scores = ce_scores(ctx, [(q, p) for q, ps in cands.items() for p in ps], d / "pseudo_scores")
+        fused = fusion(ctx)
+        if fused is not None:
+            scores = fuse_scores(ranked, scores, fused, ctx.bm25_scores(list(scores)) if fused.uses_bm25 else None)
+        qrels = ctx.train_qrels
+        hidden = {q: qrels[q] for q in pseudo_q if q in qrels}
+        pl = pseudo_label(cands, scores, m.pseudo_pos_threshold, m.pseudo_neg_threshold, hidden_gold=hidden or None)
+        stats.update({f"pseudo_{k}": v for k, v in pl.stats.items()})
+        rows = rows + dual_examples(ctx, sorted(pl.positives), pl.negatives, positives=pl.positives)
+    stats["train_questions"] = len(rows)
+    init = md1_model if cfg.dual.init == "previous" else None
+    model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
+    metrics, _ = dense_eval(ctx, model_dir, d, "md2")
+    return StageResult(metrics, stats)

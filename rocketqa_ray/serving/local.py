@@ -1,0 +1,56 @@
+"""The whole search in one process, without Ray: the reference the Serve app is tested and benchmarked
+against, and what a notebook uses:
+
+    from rocketqa_ray.serving.local import SearchService
+    svc = SearchService.from_run_dir("runs/squad-mini")
+    svc.search("who founded the Internet Archive?", top_k=5)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rocketqa_ray.config import ServeConfig
+from rocketqa_ray.serving.api import search_response
+from rocketqa_ray.serving.artifacts import RunArtifacts, find_artifacts
+from rocketqa_ray.serving.components import (
+    QueryEncoderCore,
+    RerankerCore,
+    RetrieverCore,
+    candidate_depth,
+    rerank_texts,
+)
+
+
+class SearchService:
+    """The whole search in one process: the reference the Serve app is tested and benchmarked against."""
+
+    def __init__(self, arts: RunArtifacts, serve_cfg: ServeConfig | None = None, device: str | None = None):
+        self.arts = arts
+        self.serve_cfg = serve_cfg or arts.cfg.serve
+        bf16 = arts.cfg.encode.bf16
+        self.encoder = QueryEncoderCore(arts.model_dir, bf16=bf16, device=device)
+        self.retriever = RetrieverCore(arts.index_dir, arts.corpus_path, expect_dim=self.encoder.dim,
+                                       expect_fingerprint=self.encoder.fingerprint, index_cfg=arts.cfg.index,
+                                       bm25=arts.lexical)
+        self.reranker = RerankerCore(arts.cross_dir, bf16=bf16, device=device) if arts.cross_dir else None
+        self.fusion = arts.fusion  # read once: the property reads the cross-encoder's meta file
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, **kw: Any) -> SearchService:
+        return cls(find_artifacts(run_dir), **kw)
+
+    def search(self, query: str, top_k: int = 10, rerank: bool = True) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        emb = self.encoder.encode([query])
+        t1 = time.perf_counter()
+        do_rerank = rerank and self.reranker is not None
+        k = candidate_depth(top_k, do_rerank, self.serve_cfg.rerank_top_k, self.retriever.size)
+        hits = self.retriever.search(emb, k, [query])[0]
+        t2 = time.perf_counter()
+        scores = self.reranker.score_many([(query, rerank_texts(hits))])[0] if do_rerank else None
+        t3 = time.perf_counter()
+        message = self.arts.rerank_message if rerank and self.reranker is None else None
+        return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message, self.fusion)

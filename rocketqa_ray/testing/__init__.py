@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and demos (never used by the pipeline or the service)."""

@@ -1,0 +1,1 @@
+"""Ray Train: the training tasks, the per-worker loop, the launcher, gradient caching."""

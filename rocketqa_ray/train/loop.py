@@ -1,0 +1,216 @@
+"""The per-worker training loop that Ray Train's `TorchTrainer` runs (one process per worker).
+
+Data order. Every worker reads the whole examples dataset in the same seeded order
+(`DataConfig(datasets_to_split=[])`, order preserved, per-epoch local shuffle seeded by
+`seed + epoch`) and takes its own slice of each global batch of `num_workers * batch_size` rows.
+So the run is deterministic: N workers with batch b see exactly the global batches of one process
+with batch N*b, every worker takes the same number of steps (no collective can hang on an uneven
+shard), and a resumed run skips exactly the batches already trained on. The price is that each
+worker reads all rows (text only; cheap next to encoding them).
+
+Gradients are averaged over workers by an explicit bucketed all-reduce after backward, instead of
+DDP: the gradient-cache step runs the encoder many times per step and the towers are called
+separately, which DDP's per-forward hooks do not fit.
+
+Checkpoint rule: every `checkpoint_every` steps (0: at the end of each epoch) and at the last step, which
+also exports the model; metrics-only reports are throttled (`REPORT_MIN_INTERVAL_S`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rocketqa_ray.config import config_from_dict
+from rocketqa_ray.console import quiet_libraries
+from rocketqa_ray.distributed import allreduce_grads, sync_log
+from rocketqa_ray.io import write_json
+from rocketqa_ray.modeling.base import use_bf16
+from rocketqa_ray.train.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+# `ray.train.report` blocks until the controller has taken the previous report, and the controller
+# polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): metrics-only reports are spaced at least this far
+# apart (log lines and history.json still get every `log_every` step).
+REPORT_MIN_INTERVAL_S = 10.0
+HISTORY_FILE = "history.json"
+StepHook = Callable[[int, int], None]  # (world rank, finished step) -> None; tests inject faults with it
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    # Dropout masks depend only on (seed, step, rank), so a resumed run draws what the original would have.
+    return ((seed * 1_000_003 + step) * 1009 + rank) % (2**63)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (BERT convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def fmt_duration(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------ the worker loop
+def _quiet_worker() -> None:
+    pkg = logging.getLogger("rocketqa_ray")
+    pkg.setLevel(logging.INFO)
+    if not pkg.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        pkg.addHandler(h)
+    quiet_libraries()
+
+
+def worker_loop(config: dict) -> None:
+    """The per-worker training function run by `TorchTrainer` (one process per worker)."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    from transformers import get_linear_schedule_with_warmup
+
+    _quiet_worker()
+
+    cfg = config_from_dict(config["cfg"])
+    task = TASKS[config["task"]](cfg, config.get("num_negatives", 0))
+    tcfg = task.tcfg
+    name, total, steps_per_epoch = config["name"], config["total_steps"], config["steps_per_epoch"]
+    hook: StepHook | None = config.get("step_hook")
+
+    ctx = ray.train.get_context()
+    rank, size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    use_cuda = cfg.ray.use_gpu and torch.cuda.is_available()
+    device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+    bf16 = use_bf16(tcfg.bf16, device)
+
+    torch.manual_seed(tcfg.seed)
+    model = task.build(config.get("init_model")).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total), total)
+
+    step, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = int(state["step"]), list(state.get("history", []))
+        if rank == 0:
+            log.info("%s: resuming from the checkpoint at step %d/%d", name, step, total)
+
+    def save_state(d: Path) -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "history": history}, d / STATE_FILE)
+
+    def report(metrics: dict, checkpoint: bool, final: bool = False) -> None:
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = None
+            if rank == 0:
+                save_state(Path(tmp))
+                if final:
+                    meta = {"name": name, "steps": step, "workers": size, "final_metrics": metrics}
+                    task.export(model, Path(tmp) / "model", meta)
+                    write_json(Path(tmp) / HISTORY_FILE, history)
+                ck = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"step_{step:08d}{'_final' if final else ''}")
+
+    shard = ray.train.get_dataset_shard("train")
+    global_batch = tcfg.batch_size * size
+    seqs_per_step = global_batch * task.sequences_per_row()
+    shuffle_buffer = max(global_batch, min(config["rows"], 50_000))
+    start_step = step
+    epoch, skip = divmod(step, steps_per_epoch)
+    t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
+    cpu_last = time.process_time()
+    t_report = -math.inf
+    t_start = time.perf_counter()
+    while step < total:
+        batches = shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
+                                     local_shuffle_buffer_size=shuffle_buffer,
+                                     local_shuffle_seed=tcfg.seed + epoch)
+        t_fetch = time.perf_counter()
+        for i, table in enumerate(batches):
+            if i < skip:
+                continue  # trained on before the checkpoint this run resumed from
+            if i >= steps_per_epoch or step >= total:
+                break
+            rows = table.slice(rank * tcfg.batch_size, tcfg.batch_size).to_pylist()
+            t_step = time.perf_counter()
+            data_s += t_step - t_fetch
+            torch.manual_seed(step_seed(tcfg.seed, step, rank))
+            loss = task.loss_backward(model, rows, device, bf16, epoch)
+            allreduce_grads(params)
+            if tcfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += float(loss)
+            loss_n += 1
+            compute_s += time.perf_counter() - t_step
+
+            end_of_epoch = (i + 1) == steps_per_epoch
+            do_ckpt = step == total or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or (
+                tcfg.checkpoint_every <= 0 and end_of_epoch)
+            if step % max(1, tcfg.log_every) == 0 or do_ckpt:
+                now = time.perf_counter()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                mean_loss, due = sync_log(loss_sum / max(loss_n, 1), now - t_report >= REPORT_MIN_INTERVAL_S, device)
+                metrics = {
+                    "step": step, "epoch": round(step / steps_per_epoch, 3),
+                    "loss": round(mean_loss, 5),
+                    "lr": scheduler.get_last_lr()[0], "seq_per_s": round(rate * seqs_per_step, 2),
+                    "steps_per_s": round(rate, 4), "eta_s": round((total - step) / max(rate, 1e-9), 1),
+                    "elapsed_s": round(now - t_start, 1),
+                    # where this worker's time went since the last log (rank 0's view)
+                    "data_ms": round(1000 * data_s / max(loss_n, 1), 1),
+                    "compute_ms": round(1000 * compute_s / max(loss_n, 1), 1),
+                    # CPU time of this worker process (all its threads) per step: robust to a busy machine
+                    "cpu_ms": round(1000 * (time.process_time() - cpu_last) / max(step - step_last, 1), 1),
+                }
+                history.append(metrics)
+                if rank == 0:
+                    log.info("%s step %d/%d epoch %.2f loss %.4f lr %.2e %.1f seq/s eta %s", name, step, total,
+                             metrics["epoch"], metrics["loss"], metrics["lr"], metrics["seq_per_s"],
+                             fmt_duration(metrics["eta_s"]))
+                if do_ckpt or due:
+                    report(metrics, checkpoint=do_ckpt, final=step == total)
+                    t_report = time.perf_counter()
+                t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
+                cpu_last = time.process_time()
+            elif step == start_step + 1:
+                # throughput without the first step's warm-up
+                t_last, step_last, cpu_last = time.perf_counter(), step, time.process_time()
+            if hook is not None:
+                hook(rank, step)
+            t_fetch = time.perf_counter()
+        epoch, skip = epoch + 1, 0
+    if start_step == total:
+        # Resumed from the last step's state (the previous attempt ended before its result was collected):
+        # nothing to train, export again so this attempt has a final checkpoint too.
+        report(dict(history[-1]) if history else {"step": step}, checkpoint=True, final=True)

@@ -1,0 +1,9 @@
+"""The plain data shapes passed between steps (Ray-free, no behaviour)."""
+
+from __future__ import annotations
+
+Qrels = dict[str, dict[str, int]]  # {qid: {pid: relevance > 0}}
+Run = dict[str, dict[str, float]]  # {qid: {pid: score}}: what metrics and TREC files take
+RankedIds = dict[str, list[str]]  # {qid: [pid, ...]} best first: mined candidates, denoised pools
+RankedHits = dict[str, list[tuple[str, float]]]  # {qid: [(pid, score), ...]} best first: a retriever's output
+PairScores = dict[tuple[str, str], float]  # {(qid, pid): score}: cross-encoder probabilities, fused scores

@@ -1,0 +1,123 @@
+"""jobs/evaluate.py end to end, as a user runs it (subprocesses): errors are one line and exit 2,
+BM25 on the bundled squad-mini reproduces the reference figure, the dense path works on a saved model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EVALUATE = REPO / "jobs" / "evaluate.py"
+
+
+def run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(EVALUATE), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def _load_evaluate_module():
+    spec = importlib.util.spec_from_file_location("evaluate_job", EVALUATE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bad_data_dir_is_one_line(tmp_path):
+    r = run_job("--data", str(tmp_path / "missing"), "--retriever", "bm25")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"error: data directory {tmp_path / 'missing'} does not exist; pass --data DIR with a BEIR-layout dataset"]
+    assert "Traceback" not in r.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_job("--data", str(tmp_path / "missing"), "--retriever", "bm25", "--debug")
+    assert r.returncode != 0 and r.returncode != 2
+    assert "Traceback" in r.stderr and "DataError" in r.stderr
+
+
+def test_bm25_on_squad_mini_matches_reference(tmp_path):
+    run_file = tmp_path / "bm25.trec"
+    r = run_job("--data", str(REPO / "data" / "squad-mini"), "--retriever", "bm25", "--run-out", str(run_file))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert set(m) == {"mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20"}
+    assert m["mrr@10"] == pytest.approx(0.810, abs=0.01)  # the issue's reference figure (bm25s lucene, k1 .9, b .4)
+    assert m["recall@100"] == pytest.approx(0.986, abs=0.01)
+    lines = run_file.read_text().splitlines()
+    assert len(lines) == 500 * 100 and lines[0].split()[1] == "Q0"
+
+
+def _identity_dataset(root: Path, n: int = 30) -> Path:
+    """Passages whose text equals their query's text: any encoder, even a random one, ranks them first
+    (as long as its tokenizer tells the texts apart: this caught a tiny tokenizer that made every word [UNK])."""
+    texts = []
+    with open(REPO / "data" / "squad-mini" / "queries.jsonl", encoding="utf-8") as f:
+        for line in f:
+            t = " ".join(json.loads(line)["text"].split()[:3])  # short: under the query max length of 16
+            if t not in texts:
+                texts.append(t)
+            if len(texts) == n:
+                break
+    (root / "qrels").mkdir(parents=True)
+    with open(root / "corpus.jsonl", "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"_id": f"p{i}", "title": "", "text": t}) + "\n")
+    with open(root / "queries.jsonl", "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"_id": f"q{i}", "text": t, "answers": [t.split()[0]]}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("".join(f"q{i}\tp{i}\t1\n" for i in range(len(texts))))
+    return root
+
+
+def test_dense_retriever_from_saved_model(tmp_path):
+    from rocketqa_ray.config import ModelConfig
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
+
+    data = _identity_dataset(tmp_path / "data")
+    model_dir = DualEncoder.from_base(ModelConfig(base="tiny", query_max_len=16, passage_max_len=48)).save(
+        tmp_path / "model")
+    r = run_job("--data", str(data), "--retriever", str(model_dir), "--k", "10", "--bf16", "false",
+                "--run-out", str(tmp_path / "dense.trec"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["mrr@10"] == 1.0 and m["recall@5"] == 1.0 and m["answer_acc@20"] == 1.0
+    assert len((tmp_path / "dense.trec").read_text().splitlines()) == 30 * 10
+
+    # A cross-encoder folder is refused with a one-line explanation.
+    ce_dir = CrossEncoder.from_base("tiny", max_len=32).save(tmp_path / "ce")
+    r = run_job("--data", str(data), "--retriever", str(ce_dir))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "is a cross-encoder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_arguments(tmp_path):
+    r = run_job("--data", str(REPO / "data" / "squad-mini"), "--retriever", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "is not one of bm25, bm25-stem, minilm, tiny" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_job("--data", str(tmp_path), "--retriever", str(tmp_path))  # checked before the data is read
+    assert r.returncode == 2 and "is not a saved model folder (no config.json)" in r.stderr
+    r = run_job("--data", str(REPO / "data" / "squad-mini"), "--retriever", "bm25", "--split", "dev")
+    assert r.returncode == 2 and "qrels/dev.tsv: qrels file not found" in r.stderr
+
+
+def test_exact_search_matches_brute_force():
+    mod = _load_evaluate_module()
+    rng = np.random.default_rng(0)
+    q, p = rng.normal(size=(7, 8)).astype(np.float32), rng.normal(size=(50, 8)).astype(np.float32)
+    idx, scores = mod.exact_search(q, p, k=5, chunk=3)  # chunks smaller than the query count
+    full = q @ p.T
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :5])
+    np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :5], rtol=1e-6)
+    idx_all, _ = mod.exact_search(q, p, k=500)  # k above the corpus size returns the whole corpus, ranked
+    np.testing.assert_array_equal(idx_all, np.argsort(-full, axis=1))

@@ -1,0 +1,168 @@
+"""Dual encoder and cross-encoder: save/load round trips, sentence-transformers compatibility, the
+bundled MiniLM base, bf16 inference (real models: the tiny random BERT, and MiniLM once)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from rocketqa_ray.config import ModelConfig
+from rocketqa_ray.errors import ConfigError
+from rocketqa_ray.modeling.base import (
+    cpu_has_bf16,
+    length_order,
+    minilm_path,
+    model_fingerprint,
+    resolve_base,
+)
+from rocketqa_ray.modeling.cross_encoder import CrossEncoder
+from rocketqa_ray.modeling.dual_encoder import DualEncoder, pool
+
+QUERIES = ["who wrote the origin of species", "what is the capital of france", "when did the war end"]
+PASSAGES = [
+    "Charles Darwin published On the Origin of Species in 1859, introducing natural selection.",
+    "Paris is the capital and most populous city of France.",
+    "The war ended in 1945 after the surrender of the axis powers in europe and asia.",
+    "short one",
+]
+TINY = ModelConfig(base="tiny", query_max_len=16, passage_max_len=48)
+
+
+def _perturb(module: torch.nn.Module, seed: int) -> None:
+    # Separate towers start as copies of the base; make them differ so a swapped tower would be caught.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("shared, pooling", [(True, "mean"), (True, "cls"), (False, "mean"), (False, "cls")])
+def test_dual_encoder_round_trip(tmp_path, shared, pooling):
+    model = DualEncoder.from_base(replace(TINY, shared_tower=shared, pooling=pooling))
+    if not shared:
+        _perturb(model.query_model, seed=1)
+    q0 = model.encode(QUERIES, kind="query", bf16="false")
+    p0 = model.encode(PASSAGES, kind="passage", bf16="false")
+    assert q0.shape == (3, model.dim) and p0.shape == (4, model.dim) and q0.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(p0, axis=1), 1.0, atol=1e-5)
+    if not shared:  # the towers really are different
+        assert not np.allclose(model.encode(QUERIES, kind="passage", bf16="false"), q0, atol=1e-3)
+
+    path = model.save(tmp_path / "de")
+    assert (path / "query_encoder").exists() != shared
+    loaded = DualEncoder.load(path)
+    assert loaded.cfg.pooling == pooling and loaded.cfg.shared_tower == shared
+    assert loaded.cfg.query_max_len == 16 and loaded.cfg.passage_max_len == 48
+    assert (loaded.passage_model is None) == shared
+    np.testing.assert_allclose(loaded.encode(QUERIES, kind="query", bf16="false"), q0, atol=1e-6)
+    np.testing.assert_allclose(loaded.encode(PASSAGES, kind="passage", bf16="false"), p0, atol=1e-6)
+    assert model_fingerprint(path) == model_fingerprint(model.save(tmp_path / "de2"))
+
+
+@pytest.mark.parametrize("shared, pooling, normalize", [(True, "mean", True), (False, "cls", False)])
+def test_sentence_transformers_loads_dual_encoder(tmp_path, shared, pooling, normalize):
+    from sentence_transformers import SentenceTransformer
+
+    model = DualEncoder.from_base(replace(TINY, shared_tower=shared, pooling=pooling, normalize=normalize))
+    if not shared:
+        _perturb(model.query_model, seed=2)
+    path = model.save(tmp_path / "de")
+    st = SentenceTransformer(str(path), device="cpu")
+    np.testing.assert_allclose(st.encode(PASSAGES), model.encode(PASSAGES, kind="passage", bf16="false"),
+                               atol=1e-5, rtol=1e-4)
+    # Separate towers: the query tower is its own sentence-transformers folder.
+    q_path = path / "query_encoder" if not shared else path
+    st_q = SentenceTransformer(str(q_path), device="cpu")
+    np.testing.assert_allclose(st_q.encode(QUERIES), model.encode(QUERIES, kind="query", bf16="false"),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_cross_encoder_round_trip_and_sentence_transformers(tmp_path):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    ce = CrossEncoder.from_base("tiny", max_len=64)
+    scores = ce.score(QUERIES, PASSAGES[:3], bf16="false")
+    assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))
+    path = ce.save(tmp_path / "ce")
+
+    ours = CrossEncoder.load(path)
+    assert ours.max_len == 64
+    np.testing.assert_allclose(ours.score(QUERIES, PASSAGES[:3], bf16="false"), scores, atol=1e-6)
+
+    st = STCrossEncoder(str(path), device="cpu")
+    st_scores = st.predict(list(zip(QUERIES, PASSAGES[:3])))
+    np.testing.assert_allclose(st_scores, scores, atol=1e-5)
+
+
+def test_cross_encoder_forward_shape():
+    ce = CrossEncoder.from_base("tiny", max_len=64)
+    feats = ce.tokenize(QUERIES, PASSAGES[:3])
+    assert feats["input_ids"].shape[0] == 3 and feats["input_ids"].shape[1] <= 64
+    assert ce(feats).shape == (3,)
+
+
+def test_minilm_base_offline():
+    from sentence_transformers import SentenceTransformer
+
+    model = DualEncoder.from_base(ModelConfig(base="minilm", query_max_len=256, passage_max_len=256))
+    emb = model.encode(["A man is eating food.", "Paris is the capital of France."], bf16="false")
+    assert model.dim == 384 and emb.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # The same numbers as sentence-transformers' own pipeline for the shipped model.
+    ref = SentenceTransformer(str(minilm_path()), device="cpu").encode(["A man is eating food.",
+                                                                        "Paris is the capital of France."])
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    # A plain sentence-transformers folder (no rocketqa_ray metadata) loads with its own pooling/normalisation.
+    plain = DualEncoder.load(minilm_path())
+    assert plain.cfg.pooling == "mean" and plain.cfg.normalize is True
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="CPU has no native bf16")
+def test_bf16_close_to_fp32():
+    model = DualEncoder.from_base(TINY)
+    fp32 = model.encode(PASSAGES, bf16="false")
+    bf16 = model.encode(PASSAGES, bf16="true")
+    assert bf16.dtype == np.float32
+    cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_encode_keeps_input_order():
+    model = DualEncoder.from_base(TINY)
+    together = model.encode(PASSAGES, batch_size=2, bf16="false")  # batches are length-sorted inside
+    one_by_one = np.stack([model.encode([p], bf16="false")[0] for p in PASSAGES])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_tokenize_max_lengths():
+    model = DualEncoder.from_base(TINY)
+    long = " ".join(["capital"] * 200)
+    assert model.tokenize([long], "query")["input_ids"].shape[1] == 16
+    assert model.tokenize([long], "passage")["input_ids"].shape[1] == 48
+
+
+def test_pooling():
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # [1, 3, 2], last token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert torch.allclose(pool(h, mask, "mean"), torch.tensor([[2.0, 3.0]]))
+    assert torch.allclose(pool(h, mask, "cls"), torch.tensor([[1.0, 2.0]]))
+
+
+def test_length_order():
+    assert list(length_order(["a", "ccc", "bb", "ddd"])) == [1, 3, 2, 0]
+
+
+def test_resolve_base_errors(tmp_path):
+    with pytest.raises(ConfigError, match="is not 'minilm', 'tiny' or a local Hugging Face model folder"):
+        resolve_base(str(tmp_path / "no-such-model"))
+    with pytest.raises(ConfigError, match="no config.json"):
+        DualEncoder.from_base(ModelConfig(base=str(tmp_path)))
+    with pytest.raises(ConfigError, match="not a saved model folder"):
+        DualEncoder.load(tmp_path)
+    with pytest.raises(ConfigError, match="not a saved cross-encoder folder"):
+        CrossEncoder.load(tmp_path)
+    assert (resolve_base("tiny") / "config.json").exists()
+    assert resolve_base(str(resolve_base("tiny"))) == resolve_base("tiny")  # any local HF folder is a base

@@ -1,0 +1,95 @@
+"""End-to-end: the whole pipeline with the `tiny` preset, for real (Ray Train, Ray Data, FAISS, tiny BERT).
+
+Runs in subprocesses, as a user would, each with its own private Ray cluster; an interruption is
+simulated by killing the driver's whole process group in the middle of a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _pipeline_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out), *extra]
+
+
+def _complete(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime for p in out.glob("*/_COMPLETE.json")}
+
+
+def test_full_pipeline_resumes_after_interruption(tmp_path):
+    out = tmp_path / "run"
+    log1 = open(tmp_path / "first.log", "w")
+    # 1) start, and kill the whole process group once md1 is underway (md0 and mc complete)
+    proc = subprocess.Popen(_pipeline_cmd(out), cwd=ROOT, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "mc" / "_COMPLETE.json").exists() and (out / "md1").exists():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"pipeline ended before it could be interrupted:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+        time.sleep(1.0)  # somewhere inside md1 (denoise scoring or training)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = _complete(out)
+    assert {"bm25", "zero_shot", "md0", "mc"} <= set(done_before)
+    assert "md2" not in done_before and "md2_rerank" not in done_before
+
+    # 2) the same command resumes: completed stages are skipped, the rest runs to the end
+    res = subprocess.run(_pipeline_cmd(out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    done_after = _complete(out)
+    for stage, mtime in done_before.items():
+        assert done_after[stage] == mtime, f"stage {stage} was redone"
+    assert "already complete" in res.stderr
+    report = json.loads((out / "report.json").read_text())
+    for stage in ("bm25", "zero_shot", "md0", "mc", "md1", "md2", "md2_rerank"):
+        m = report["stages"][stage]
+        for k in ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20"):
+            assert 0.0 <= m[k] <= 1.0
+    assert report["stats"]["md1"]["kept"] + report["stats"]["md1"]["dropped"] > 0
+    assert "pseudo_coverage" in report["stats"]["md2"]
+    assert (out / "report.md").read_text().count("|") > 20
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # exported models load with sentence-transformers
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    assert SentenceTransformer(str(out / "md2" / "model"), device="cpu").encode(["a question"]).shape[1] > 0
+    assert CrossEncoder(str(out / "mc" / "model"), device="cpu").predict([("q", "p")]).shape == (1,)
+
+    # 3) a changed config for a completed stage is reported, not silently mixed
+    res = subprocess.run(_pipeline_cmd(out, "--set", "dual.lr=0.5"), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "different config" in res.stderr and "dual.lr" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pipeline_bad_config_is_one_line(tmp_path):
+    res = subprocess.run(_pipeline_cmd(tmp_path / "r", "--set", "dual.nope=1"), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "unknown config key 'dual.nope'" in res.stderr and "valid keys" in res.stderr
+    assert "Traceback" not in res.stderr
