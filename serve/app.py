@@ -5,7 +5,7 @@
     serve deploy serve/config.yaml                                  # autoscaling settings per deployment
 
 Each model is its own deployment with its own replicas and resources; the encoder and the reranker
-batch concurrent requests with `@serve.batch`. The computation is `rocketqa_ray.service`'s Ray-free
+batch concurrent requests with `@serve.batch`. The computation is `rocketqa_ray.serving`'s Ray-free
 components, so the service returns exactly what the in-process `SearchService` returns.
 """
 

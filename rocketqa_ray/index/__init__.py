@@ -1,4 +1,5 @@
-"""FAISS: which index to build (factory), building it (build), holding and searching it (dense), files (store)."""
+"""FAISS: which index to build (factory), building it (build), holding and searching it (dense), merging shards'
+top-k (search), files (store)."""
 
 from rocketqa_ray.index.dense import DenseIndex
 

@@ -42,6 +42,7 @@ import numpy as np
 from rocketqa_ray.config import IndexConfig
 from rocketqa_ray.errors import ConfigError, DataError
 from rocketqa_ray.index.factory import apply_search_params, load_faiss, new_index, to_gpu, want_gpu
+from rocketqa_ray.index.search import merge_topk, offset_rows
 
 FORMAT_VERSION = 1
 
@@ -236,35 +237,15 @@ class DenseIndex:
             raise DataError(f"k must be a positive integer, got {k!r}")
         k = int(k)
         shards = self._gpu or self._shards
-        worst = np.float32(-np.inf if self.metric == "ip" else np.inf)
         if len(q) == 0 or not shards:
-            return np.full((len(q), k), worst, np.float32), np.full((len(q), k), -1, np.int64)
-        all_s, all_r = [], []
+            return merge_topk([], k, self.metric, n_queries=len(q))
+        parts = []
         for off, shard in zip(self._offsets, shards):
-            if shard.ntotal == 0:
-                continue
-            kk = min(k, shard.ntotal)  # faiss pads with -1; asking for fewer keeps HNSW/IVF from over-working
-            s, r = shard.search(q, kk)
-            s = s.astype(np.float32, copy=False)
-            r = r.astype(np.int64, copy=False)
-            missing = r < 0
-            r = np.where(missing, -1, r + off)
-            s = np.where(missing, worst, s)
-            all_s.append(s)
-            all_r.append(r)
-        scores = np.concatenate(all_s, axis=1)
-        rows = np.concatenate(all_r, axis=1)
-        if len(all_s) > 1 or scores.shape[1] != k:
-            # stable sort keeps the shard order for equal scores, like a single index would
-            key = -scores if self.metric == "ip" else scores
-            order = np.argsort(key, axis=1, kind="stable")[:, :k]
-            scores = np.take_along_axis(scores, order, axis=1)
-            rows = np.take_along_axis(rows, order, axis=1)
-            if scores.shape[1] < k:
-                pad = k - scores.shape[1]
-                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=worst)
-                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-        return np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(rows, np.int64)
+            if shard.ntotal:
+                # faiss pads with -1; asking for no more than the shard holds keeps HNSW/IVF from over-working
+                s, r = shard.search(q, min(k, shard.ntotal))
+                parts.append(offset_rows(s, r, off, self.metric))
+        return merge_topk(parts, k, self.metric)
 
     def search_ids(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Like `search`, as [(passage id, score), ...] per query (without the -1 padding)."""

@@ -39,7 +39,7 @@ def load_index(path: str | Path, expect_dim: int | None = None, expect_fingerpri
                cfg: IndexConfig | None = None) -> DenseIndex:
     """Read an index written by `save`.
 
-    `expect_dim` / `expect_fingerprint` are the query encoder's dimension and `models.fingerprint`;
+    `expect_dim` / `expect_fingerprint` are the query encoder's dimension and `modeling.base.model_fingerprint`;
     a mismatch is a ConfigError. `cfg` overrides the saved search parameters (nprobe, ef_search,
     refine_k_factor, use_gpu); shard_size and the index structure come from the saved index.
     """

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -137,9 +137,36 @@ def length_order(texts: list[str]) -> np.ndarray:
 
 
 
+def batched_inference(model: torch.nn.Module, texts: list[str], batch_size: int, bf16: str,
+                      device: torch.device | str | None, forward: Callable[[list[int], torch.device], torch.Tensor],
+                      sort_by_length: bool = True) -> np.ndarray:
+    """`forward(indices, device)` over batches of `batch_size` inputs (longest of `texts` first, so batches pad
+    little), under no_grad and the `bf16` autocast setting; float32 outputs back in input order: [N] or [N, H]."""
+    device = torch.device(device or default_device())
+    model.to(device).eval()
+    order = length_order(texts) if sort_by_length else np.arange(len(texts))
+    out: np.ndarray | None = None
+    with torch.no_grad(), autocast(use_bf16(bf16, device), device):
+        for idx in batched(list(order), batch_size):
+            y = forward(idx, device).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(texts), *y.shape[1:]), dtype=np.float32)
+            out[idx] = y
+    return out if out is not None else np.zeros(0, dtype=np.float32)
+
+
 def device_for(gpus: float) -> torch.device:
     """CUDA when an actor was given GPUs and one is visible, else CPU."""
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
+def saved_model(path: str | Path, what: str) -> tuple[Path, dict]:
+    """(path, its `read_meta`) for a saved model folder; a ConfigError naming `what` was expected when the folder
+    holds no model."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{path} is not a saved {what} folder (no config.json)")
+    return path, read_meta(path)
 
 
 def read_meta(model_dir: str | Path) -> dict:

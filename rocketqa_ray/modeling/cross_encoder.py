@@ -14,17 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rocketqa_ray.errors import ConfigError
 from rocketqa_ray.io import atomic_dir
 from rocketqa_ray.modeling.base import (
     META_FILE,
-    autocast,
-    batched,
-    default_device,
-    length_order,
-    read_meta,
+    batched_inference,
     resolve_base,
-    use_bf16,
+    saved_model,
 )
 
 
@@ -51,10 +46,7 @@ class CrossEncoder(nn.Module):
     def load(cls, path: str | Path) -> CrossEncoder:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise ConfigError(f"{path} is not a saved cross-encoder folder (no config.json)")
-        meta = read_meta(path)
+        path, meta = saved_model(path, "cross-encoder")
         model = AutoModelForSequenceClassification.from_pretrained(path)
         return cls(model, AutoTokenizer.from_pretrained(path), int(meta.get("max_len", 160)))
 
@@ -75,16 +67,13 @@ class CrossEncoder(nn.Module):
         """Tokenised pairs -> [B] logits."""
         return self.model(**features).logits.squeeze(-1).float()
 
-    @torch.no_grad()
     def score(self, questions: list[str], passages: list[str], batch_size: int = 64, bf16: str = "auto",
               device: torch.device | str | None = None) -> np.ndarray:
         """In-process scoring: probabilities in [0, 1], in input order."""
-        device = torch.device(device or default_device())
-        self.to(device).eval()
-        order = length_order([q + p for q, p in zip(questions, passages)])
-        out = np.zeros(len(questions), dtype=np.float32)
-        with autocast(use_bf16(bf16, device), device):
-            for idx in batched(list(order), batch_size):
-                feats = self.tokenize([questions[i] for i in idx], [passages[i] for i in idx])
-                out[idx] = torch.sigmoid(self({k: v.to(device) for k, v in feats.items()})).cpu().numpy()
-        return out
+
+        def forward(idx: list[int], dev: torch.device) -> torch.Tensor:
+            feats = self.tokenize([questions[i] for i in idx], [passages[i] for i in idx])
+            return torch.sigmoid(self({k: v.to(dev) for k, v in feats.items()}))
+
+        return batched_inference(self, [q + p for q, p in zip(questions, passages)], batch_size, bf16,
+                                 device, forward)

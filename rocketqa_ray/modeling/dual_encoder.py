@@ -14,17 +14,12 @@ import torch
 from torch import nn
 
 from rocketqa_ray.config import ModelConfig
-from rocketqa_ray.errors import ConfigError
 from rocketqa_ray.io import atomic_dir
 from rocketqa_ray.modeling.base import (
     META_FILE,
-    autocast,
-    batched,
-    default_device,
-    length_order,
-    read_meta,
+    batched_inference,
     resolve_base,
-    use_bf16,
+    saved_model,
 )
 
 QUERY_TOWER_DIR = "query_encoder"
@@ -75,10 +70,7 @@ class DualEncoder(nn.Module):
         """Load a model saved by `save` (or any sentence-transformers folder with mean/CLS pooling)."""
         from transformers import AutoModel, AutoTokenizer
 
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise ConfigError(f"{path} is not a saved model folder (no config.json)")
-        meta = read_meta(path)
+        path, meta = saved_model(path, "model")
         cfg = ModelConfig(**{k: v for k, v in meta.get("model", {}).items() if k in ModelConfig.__dataclass_fields__})
         if not meta:
             cfg.base = str(path)
@@ -128,20 +120,17 @@ class DualEncoder(nn.Module):
     def encode_passages(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._embed(self.p_model, features)
 
-    @torch.no_grad()
     def encode(self, texts: list[str], kind: str = "passage", batch_size: int = 64, bf16: str = "auto",
                device: torch.device | str | None = None, sort_by_length: bool = True) -> np.ndarray:
         """In-process inference: texts -> float32 [N, H] array, in input order."""
-        device = torch.device(device or default_device())
-        self.to(device).eval()
-        order = length_order(texts) if sort_by_length else np.arange(len(texts))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         fn = self.encode_queries if kind == "query" else self.encode_passages
-        with autocast(use_bf16(bf16, device), device):
-            for idx in batched(list(order), batch_size):
-                feats = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], kind).items()}
-                out[idx] = fn(feats).float().cpu().numpy()
-        return out
+
+        def forward(idx: list[int], dev: torch.device) -> torch.Tensor:
+            return fn({k: v.to(dev) for k, v in self.tokenize([texts[i] for i in idx], kind).items()})
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return batched_inference(self, texts, batch_size, bf16, device, forward, sort_by_length)
 
 
 def _save_st_folder(model: nn.Module, tokenizer: Any, path: Path, cfg: ModelConfig) -> None:

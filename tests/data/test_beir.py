@@ -18,7 +18,6 @@ from rocketqa_ray.data.beir import (
     load_queries,
     passage_text,
 )
-from rocketqa_ray.data.splits import holdout
 from rocketqa_ray.errors import DataError
 
 CORPUS = [
@@ -99,16 +98,6 @@ def test_qrels_trec_format_and_zero_scores(tmp_path):
     f = tmp_path / "q.tsv"
     f.write_text("q1\t0\tp1\t1\nq1\tp2\t0\nq2\tp3\t2\n")  # 4-field TREC line, a 0-relevance line dropped
     assert load_qrels(f) == {"q1": {"p1": 1}, "q2": {"p3": 2}}
-
-
-def test_holdout_deterministic_and_disjoint():
-    qids = [f"q{i}" for i in range(100)]
-    a = holdout(qids, {"dev": 0.1, "pseudo": 0.3}, seed=1)
-    b = holdout(list(reversed(qids)), {"dev": 0.1, "pseudo": 0.3}, seed=1)
-    assert a == b
-    assert (len(a["dev"]), len(a["pseudo"]), len(a["rest"])) == (10, 30, 60)
-    assert set(a["dev"]) | set(a["pseudo"]) | set(a["rest"]) == set(qids)
-    assert holdout(qids, {"dev": 0.1}, seed=2)["dev"] != a["dev"]
 
 
 def test_bundled_squad_mini(mini_data_dir):
