@@ -36,7 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rocketqa_ray.config import Config, apply_overrides  # noqa: E402
-from rocketqa_ray.index import DenseIndex, gpu_count  # noqa: E402
+from rocketqa_ray.index import DenseIndex  # noqa: E402
+from rocketqa_ray.index.factory import gpu_count  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
