@@ -42,6 +42,7 @@ from rocketqa_ray.serving.components import (
     RerankerCore,
     RetrieverCore,
     candidate_depth,
+    isolated,
     rerank_texts,
     set_torch_threads,
 )
@@ -54,6 +55,13 @@ RETRIES = 3
 
 
 # ------------------------------------------------------------------------------------------ deployments
+def raise_if_failed(result: Any) -> Any:
+    """A batched call's slot: the request's own result, or the exception only its request caused (`isolated`)."""
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class QueryEncoder:
     """Query strings -> [H] embeddings; concurrent requests are encoded as one batch."""
@@ -68,12 +76,12 @@ class QueryEncoder:
 
     async def encode(self, query: str) -> np.ndarray:
         if self.batching:
-            return await self._encode_batch(query)
+            return raise_if_failed(await self._encode_batch(query))
         return self.core.encode([query])[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _encode_batch(self, queries: list[str]) -> list[np.ndarray]:
-        return list(self.core.encode(queries))
+    async def _encode_batch(self, queries: list[str]) -> list[np.ndarray | Exception]:
+        return isolated(self.core.encode, queries)
 
     def info(self) -> dict[str, Any]:
         return {"model": str(self.core.model_dir), "fingerprint": self.core.fingerprint, "dim": self.core.dim}
@@ -111,12 +119,12 @@ class Reranker:
 
     async def rerank(self, query: str, passages: list[str]) -> np.ndarray:
         if self.batching:
-            return await self._rerank_batch((query, passages))
+            return raise_if_failed(await self._rerank_batch((query, passages)))
         return self.core.score_many([(query, passages)])[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _rerank_batch(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray]:
-        return self.core.score_many(requests)
+    async def _rerank_batch(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray | Exception]:
+        return isolated(self.core.score_many, requests)
 
     def info(self) -> dict[str, Any]:
         return {"model": str(self.core.model_dir) if self.core else None}
@@ -191,7 +199,8 @@ class SearchIngress:
             if length.isdigit() and int(length) > MAX_BODY_BYTES:  # refuse before reading it
                 raise BadRequest(413, "request too large", f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
             # Validate before touching any other deployment: bad input is a 4xx even while a replica restarts.
-            req = parse_search_request(await request.body(), self.max_query_chars, MAX_TOP_K)
+            req = parse_search_request(await request.body(), self.max_query_chars, MAX_TOP_K,
+                                       request.headers.get("content-type"))
             size = (await self.index_info())["size"]
             if req.top_k > size:
                 msg = f"top_k must be between 1 and {size} (the index holds {size} passages; got {req.top_k})"

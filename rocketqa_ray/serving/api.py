@@ -32,6 +32,12 @@ class SearchRequest(BaseModel):
         v = v.strip()
         if not v:
             raise ValueError("query is empty; send a question, e.g. {\"query\": \"who founded the Internet Archive?\"}")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can read
+            raise ValueError(f"query has a character that is not valid Unicode text at position {e.start} "
+                             f"(U+{ord(v[e.start]):04X}, a lone surrogate); send UTF-8 text") from None
         if len(v) > limit:
             raise ValueError(f"query is {len(v)} characters long; the limit is {limit}")
         return v
@@ -41,7 +47,7 @@ class SearchRequest(BaseModel):
     def _top_k(cls, v: int, info: ValidationInfo) -> int:
         limit = (info.context or {}).get("max_top_k", MAX_TOP_K)
         if not 1 <= v <= limit:
-            raise ValueError(f"top_k must be between 1 and {limit} (got {v})")
+            raise ValueError(f"top_k must be between 1 and {limit} (got {show(v)})")
         return v
 
 
@@ -56,14 +62,38 @@ class BadRequest(Exception):
         return {"error": self.error, "message": self.message, "detail": self.detail}
 
 
-def parse_search_request(body: bytes, max_query_chars: int, max_top_k: int) -> SearchRequest:
-    """Raw request body -> SearchRequest, or BadRequest (400 malformed JSON / 413 too large / 422 invalid)."""
+def show(value: Any, limit: int = 80) -> str:
+    """A short JSON rendering of what a client sent, for an error message; never raises."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):  # huge ints, unserialisable or deeply nested values
+        text = type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_content_type(content_type: str | None) -> None:
+    """A body sent as another media type (a form, plain text) is refused rather than guessed at; none is fine."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise BadRequest(415, "unsupported media type",
+                         f"Content-Type is {media}; send the body as JSON with 'Content-Type: application/json'")
+
+
+def parse_search_request(body: bytes, max_query_chars: int, max_top_k: int,
+                         content_type: str | None = None) -> SearchRequest:
+    """Raw request body -> SearchRequest, or BadRequest (400 malformed JSON / 413 too large / 415 not JSON /
+    422 invalid)."""
+    check_content_type(content_type)
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(413, "request too large", f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
         obj = json.loads(body) if body.strip() else None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(400, "malformed JSON", f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(400, "malformed JSON", "request body is not valid JSON: it is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer beyond Python's digit limit
+        raise BadRequest(400, "malformed JSON", f"request body is not valid JSON: {show(str(e), 120)}") from None
     if not isinstance(obj, dict):
         raise BadRequest(422, "invalid request",
                          'request body must be a JSON object like {"query": "...", "top_k": 10, "rerank": true}, '
@@ -80,7 +110,7 @@ def parse_search_request(body: bytes, max_query_chars: int, max_top_k: int) -> S
             elif err["type"] == "missing":
                 msg = f"field '{field}' is required"
             elif not err["type"].startswith("value_error"):  # a type error: show what was sent
-                msg = f"{msg} (got {json.dumps(err.get('input'))[:80]})"
+                msg = f"{msg} (got {show(err.get('input'))})"
             detail.append({"field": field, "message": msg, "type": err["type"]})
         message = "; ".join(f"{d['field']}: {d['message']}" for d in detail)
         raise BadRequest(422, "invalid request", message, detail) from None

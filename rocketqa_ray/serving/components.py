@@ -8,14 +8,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from rocketqa_ray.config import BM25Config, IndexConfig
 from rocketqa_ray.data.beir import iter_corpus, passage_text
 from rocketqa_ray.errors import ServiceError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def set_torch_threads(n: int | None) -> None:
@@ -147,6 +151,21 @@ class RerankerCore:
         for _, pl in requests:
             out.append(flat[start : start + len(pl)])
             start += len(pl)
+        return out
+
+
+def isolated(fn: Callable[[list[T]], Sequence[R]], items: list[T]) -> list[R | Exception]:
+    """`fn` over a batch of requests; if the batch fails, over each request alone, so that a request that breaks
+    the model fails only itself: its slot holds the exception (re-raised for that caller), the others their result."""
+    try:
+        return list(fn(items))
+    except Exception:  # noqa: BLE001 - which request caused it is found below, one by one
+        out: list[R | Exception] = []
+        for item in items:
+            try:
+                out.append(fn([item])[0])
+            except Exception as e:  # noqa: BLE001 - handed to the request that caused it
+                out.append(e)
         return out
 
 

@@ -290,6 +290,11 @@ BAD = [
     (b"[1, 2]", 422, "must be a JSON object"),
     (b'"who?"', 422, "must be a JSON object"),
     (json.dumps({"query": "y" * 70000}).encode(), 413, "limit is"),
+    (b'{"query": "who \\ud800 founded sony"}', 422, "lone surrogate"),
+    (b"[" * 60000, 400, "nested too deeply"),
+    (b'{"query": "who?", "top_k": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b'{"query": "who?", "top_k": ' + b"9" * 4000 + b"}", 422, "between 1 and 100"),
+    ({"query": ["[" * 500]}, 422, "query"),
 ]
 
 
@@ -299,6 +304,73 @@ def test_bad_requests_get_4xx_with_a_message(service, body, status, needle):
     assert r.status_code == status, r.text
     msg = r.json()["message"]
     assert needle in msg, msg
+
+
+def test_a_body_that_is_not_json_is_415(service):
+    r = requests.post(f"{service}/search", data=json.dumps({"query": "who?"}), headers={"Content-Type": "text/plain"},
+                      timeout=30)
+    assert r.status_code == 415 and "application/json" in r.json()["message"], r.text
+    r = requests.post(f"{service}/search", data={"query": "who?"}, timeout=30)  # a form, as curl -d sends it
+    assert r.status_code == 415, r.text
+    r = requests.post(f"{service}/search", data=json.dumps({"query": "who?"}),
+                      headers={"Content-Type": "application/json; charset=utf-8"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_one_bad_request_never_fails_its_batch_mates(service, queries):
+    """Seven valid requests and one with a lone surrogate, sent at once (one encoder batch): only the bad one
+    fails, with a 4xx; the others are answered. Repeated, since batch composition varies."""
+    bad = b'{"query": "who \\ud800 founded sony", "rerank": true}'
+    for _ in range(3):
+        bodies = [{"query": q, "top_k": 3, "rerank": True} for q in queries[:7]]
+        bodies.insert(3, bad)
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: post(service, b), bodies))
+        assert [r.status_code for r in responses] == [200, 200, 200, 422, 200, 200, 200, 200], \
+            [r.text[:200] for r in responses]
+
+
+def test_a_request_that_breaks_the_model_fails_alone_inside_a_batch(service, queries):
+    """Past the ingress (its validation stops bad text), a batched deployment isolates a failing request: sent
+    to the QueryEncoder's handle with valid batch-mates, only it raises."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("QueryEncoder", app_name=APP)
+    calls = [handle.encode.remote(q) for q in queries[:5]] + [handle.encode.remote("who \ud800 founded sony")]
+    results = []
+    for c in calls:
+        try:
+            results.append(c.result(timeout_s=60))
+        except Exception as e:  # noqa: BLE001 - the failing request's own error
+            results.append(e)
+    assert all(isinstance(r, np.ndarray) and r.ndim == 1 for r in results[:5]), results
+    assert isinstance(results[5], Exception)
+
+
+def test_random_malformed_bodies_never_get_a_500(service, queries):
+    """A few hundred random malformed JSON bodies and odd unicode strings: every answer is 200 or 4xx with a
+    message, and valid requests sent alongside are all answered."""
+    import random
+
+    rng = random.Random(0)
+    pieces = ['{', '}', '[', ']', '"', ':', ',', 'query', 'top_k', 'rerank', '1e999', '-0', 'null', 'true',
+              '\\ud800', '\\udfff', '\\u0000', 'ä', '😀', '\u202e', ' ', '99999999999999999999', '"query": ']
+    bodies: list = []
+    for _ in range(150):
+        bodies.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 25))).encode("utf-8", "surrogatepass"))
+    for _ in range(150):
+        text = "".join(chr(rng.choice([rng.randint(1, 0x2FF), rng.randint(0xD800, 0xDFFF), rng.randint(0x1F300, 0x1F64F)]))
+                       for _ in range(rng.randint(1, 40)))
+        bodies.append({"query": text, "top_k": rng.randint(-3, 120), "rerank": rng.random() < 0.5})
+    good = [{"query": q, "top_k": 2, "rerank": False} for q in queries] * 3
+    with ThreadPoolExecutor(16) as pool:
+        bad_rs = list(pool.map(lambda b: post(service, b if not isinstance(b, dict) else json.dumps(b)), bodies))
+        good_rs = list(pool.map(lambda b: post(service, b), good))
+    for body, r in zip(bodies, bad_rs):
+        assert r.status_code < 500, (body, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert r.json()["message"], r.text
+    assert [r.status_code for r in good_rs] == [200] * len(good)
 
 
 def test_wrong_method_and_path_are_4xx(service):
