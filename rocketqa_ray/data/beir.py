@@ -7,8 +7,10 @@ file and line of the first problem.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,23 +35,38 @@ def find_corpus(data_dir: str | Path) -> Path:
     raise DataError(f"{d}: no corpus found; expected one of {', '.join(CORPUS_NAMES)}")
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file (gzip if it ends in .gz); a leading byte-order mark is skipped, and
+    bytes that are not UTF-8 are a DataError naming the file, line and byte offset."""
+    path = Path(path)
+    offset = 0
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
+                                f"{offset + e.start} of the file); save the file as UTF-8") from None
+            offset += len(raw)
+            yield lineno, line
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; malformed JSON names the file and line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove this line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove this line") from None
+        except (RecursionError, ValueError) as e:  # nested too deeply, an integer past Python's digit limit
+            raise DataError(f"{path}:{lineno}: unreadable JSON ({str(e)[:100]}); fix or remove this line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def check_passage(obj: dict, where: str) -> dict:
@@ -119,6 +136,9 @@ def load_queries(path: str | Path) -> dict[str, dict]:
         answers = obj.get("answers") or []
         if isinstance(answers, str):
             answers = [answers]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{path}:{lineno}: query {qid!r} has 'answers' {str(obj.get('answers'))[:60]}; it must be "
+                            "a list of answer strings (or leave it out)")
         out[qid] = {"text": text, "split": obj.get("split"), "answers": list(answers)}
     if not out:
         raise DataError(f"{path}: no queries")
@@ -131,34 +151,36 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not path.exists():
         raise DataError(f"{path}: qrels file not found; expected qrels/<split>.tsv with query-id, corpus-id, score")
     out: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if not line.strip():
-                continue
-            if lineno == 1 and parts[0] in ("query-id", "query_id", "qid"):
-                continue
-            if len(parts) == 4:  # TREC qrels: qid 0 pid rel
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                raise DataError(f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(parts)}")
-            qid, pid, score = parts
-            try:
-                rel = int(float(score))
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
-            if rel > 0:
-                out.setdefault(qid, {})[pid] = rel
+    for lineno, line in iter_lines(path):
+        parts = line.rstrip("\r\n").split("\t")
+        if not line.strip():
+            continue
+        if lineno == 1 and parts[0] in ("query-id", "query_id", "qid"):
+            continue
+        if len(parts) == 4:  # TREC qrels: qid 0 pid rel
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise DataError(f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(parts)}")
+        qid, pid, score = parts
+        try:
+            value = float(score)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
+        if not math.isfinite(value) or value != int(value):
+            # truncating 0.5 to 0 would silently turn a relevant pair into an irrelevant one
+            raise DataError(f"{path}:{lineno}: score {score!r} is not a whole number; relevance is a graded integer "
+                            "(0 = not relevant, 1, 2, ... = relevant)")
+        if int(value) > 0:
+            out.setdefault(qid, {})[pid] = int(value)
     return out
 
 
 def _qrels_line(path: Path, qid: str, pid: str | None = None) -> int | str:
     """Line number of the first qrels line naming `qid` (and `pid`); only called to word an error."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if parts[0] == qid and (pid is None or pid in parts[1:3]):
-                return lineno
+    for lineno, line in iter_lines(path):
+        parts = line.rstrip("\r\n").split("\t")
+        if parts[0] == qid and (pid is None or pid in parts[1:3]):
+            return lineno
     return "?"
 
 

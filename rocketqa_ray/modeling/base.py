@@ -8,6 +8,7 @@ cached) or a local Hugging Face folder into a path; `use_bf16`/`autocast` decide
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -55,12 +56,24 @@ def _tiny_vocab(n_words: int = 2000) -> list[str]:
 
 
 def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
-    """A random-weight BERT with a small vocabulary, saved as a Hugging Face folder (for tests and `tiny`)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
+    """A random-weight BERT with a small vocabulary, saved as a Hugging Face folder (for tests and `tiny`); built
+    once, by one process at a time."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (Ray Train workers on a fresh machine) may ask at once; without the lock the second one's
+    # atomic replace deleted the folder while the first was loading from it.
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out_dir / "config.json").exists():
+            _write_tiny_model(out_dir, hidden, layers, heads, seed)
+    return out_dir
+
+
+def _write_tiny_model(out_dir: Path, hidden: int, layers: int, heads: int, seed: int) -> None:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
     vocab = _tiny_vocab()
     with atomic_dir(out_dir) as tmp:
         (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
@@ -72,7 +85,6 @@ def build_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, hea
                          intermediate_size=hidden * 2, max_position_embeddings=512)
         BertModel(cfg).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return out_dir
 
 
 def resolve_base(base: str) -> Path:

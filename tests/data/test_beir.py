@@ -251,3 +251,45 @@ def test_missing_or_empty_queries(tmp_path):
     (d / "queries.jsonl").write_text("")
     with pytest.raises(DataError, match=r"queries\.jsonl: no queries"):
         load_queries(d / "queries.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ encodings and types
+def test_invalid_utf8_names_file_line_and_byte(tmp_path):
+    d = make_beir(tmp_path / "d")
+    good = (d / "corpus.jsonl").read_bytes()
+    lines = good.split(b"\n")
+    lines[1] = lines[1][:-1] + b"\xff}"  # an invalid byte near the end of line 2
+    (d / "corpus.jsonl").write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"corpus\.jsonl:2: not UTF-8 text \(byte 0xff at byte offset \d+"):
+        load_beir(d)
+    (d / "corpus.jsonl").write_bytes(good)
+    (d / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\nq2\tp2\t1\xe9\n")
+    with pytest.raises(DataError, match=r"test\.tsv:2: not UTF-8 text"):
+        load_beir(d)
+
+
+def test_byte_order_marks_are_accepted(tmp_path):
+    d = make_beir(tmp_path / "d")
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
+    data = load_beir(d)
+    assert data.split("test") == {"q2": {"p2": 1}, "q3": {"p3": 1}}
+
+
+def test_answers_must_be_a_list_of_strings(tmp_path):
+    f = tmp_path / "queries.jsonl"
+    f.write_text(json.dumps({"_id": "q1", "text": "who?", "answers": 5}) + "\n")
+    with pytest.raises(DataError, match=r"queries\.jsonl:1: query 'q1' has 'answers' 5; it must be a list"):
+        load_queries(f)
+    f.write_text(json.dumps({"_id": "q1", "text": "who?", "answers": ["a", 3]}) + "\n")
+    with pytest.raises(DataError, match="list of answer strings"):
+        load_queries(f)
+
+
+def test_graded_qrels_keep_their_grade_and_fractions_are_refused(tmp_path):
+    f = tmp_path / "q.tsv"
+    f.write_text("q1\tp1\t2\nq1\tp2\t1.0\n")
+    assert load_qrels(f) == {"q1": {"p1": 2, "p2": 1}}
+    f.write_text("q1\tp1\t0.5\n")
+    with pytest.raises(DataError, match=r"q\.tsv:1: score '0.5' is not a whole number"):
+        load_qrels(f)

@@ -166,3 +166,20 @@ def test_resolve_base_errors(tmp_path):
         CrossEncoder.load(tmp_path)
     assert (resolve_base("tiny") / "config.json").exists()
     assert resolve_base(str(resolve_base("tiny"))) == resolve_base("tiny")  # any local HF folder is a base
+
+
+def test_tiny_model_cache_built_by_several_processes_at_once(tmp_path):
+    """A fresh machine: Train workers all build the tiny model cache at the same moment; each must load it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from transformers import AutoModel; from rocketqa_ray.modeling.base import resolve_base; "
+            "AutoModel.from_pretrained(resolve_base('tiny')); print('ok')")
+    env = {**os.environ, "ROCKETQA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outs]
+    assert all(out.strip().endswith("ok") for out, _ in outs)
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1  # one cache folder, no leftovers
