@@ -1,17 +1,8 @@
-"""Encode a corpus with a dual encoder through Ray Data (resumable Parquet shards).
+"""Encode a corpus through Ray Data (`rocketqa-ray encode`): rocketqa_ray/commands/encode.py.
 
     python jobs/encode.py --model RUN_DIR/md0/model --data data/squad-mini --out OUT/embeddings
-    python jobs/encode.py --model minilm --data ../shared/data/squad --out /tmp/squad-emb --set encode.num_actors=2
-
-Rerunning the same command after an interruption computes only the missing shards. Settings come from
-the `encode` config section (batch_size, num_actors, cpus_per_actor, gpus_per_actor, bf16, rows_per_shard).
-Prints the `_SUCCESS.json` record as JSON.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,27 +12,8 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 # Ray workers of a local cluster inherit this environment and must import rocketqa_ray as well.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from rocketqa_ray.cli import add_config_args, run_main  # noqa: E402
-
-
-def main(args: argparse.Namespace) -> int:
-    from rocketqa_ray.batch.encode import embeddings_info, encode_corpus
-    from rocketqa_ray.config import load_config
-
-    cfg = load_config(args.preset, args.config, args.overrides)
-    # Ray starts only once the corpus has been validated (a bad row fails fast, without a cluster).
-    out = encode_corpus(args.data, args.model, args.out, cfg.encode, kind=args.kind, overwrite=args.overwrite,
-                        ray_cfg=cfg.ray)
-    print(json.dumps(embeddings_info(out), indent=2))
-    return 0
-
+from rocketqa_ray.cli import run_job  # noqa: E402
+from rocketqa_ray.commands import encode  # noqa: E402
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="saved dual encoder folder, or 'minilm' / 'tiny'")
-    ap.add_argument("--data", required=True, help="BEIR dataset folder or corpus file (.jsonl, .jsonl.gz, .parquet)")
-    ap.add_argument("--out", required=True, help="output directory for the Parquet shards")
-    ap.add_argument("--kind", default="passage", choices=["passage", "query"], help="which tower encodes the texts")
-    ap.add_argument("--overwrite", action="store_true", help="replace an output directory made for another model")
-    add_config_args(ap)
-    run_main(main, ap)
+    run_job(encode)

@@ -1,45 +1,15 @@
-"""Run the RocketQA pipeline: BM25 and zero-shot baselines, M_D0, M_C, M_D1, M_D2, M_D2 + M_C rerank.
+"""Run the RocketQA pipeline (`rocketqa-ray pipeline`): arguments and code in rocketqa_ray/commands/pipeline.py.
 
     python jobs/pipeline.py --data data/squad-mini --out runs/squad-mini [--preset cpu] [--set key=value ...]
-
-Rerunning with the same --out resumes after the last completed stage.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from rocketqa_ray.cli import add_config_args, run_main  # noqa: E402
-
-
-def main(args: argparse.Namespace) -> int:
-    from rocketqa_ray.config import load_config
-    from rocketqa_ray.pipeline.runner import Pipeline
-
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.insert(0, f"data.path={args.data}")
-    if args.stages:
-        overrides.append(f"pipeline.stages={args.stages}")
-    if args.ablations:
-        overrides.append("pipeline.ablations=true")
-    cfg = load_config(args.preset, args.config, overrides)
-    report = Pipeline(cfg, args.out, preset=args.preset).run()
-    print(json.dumps(report["stages"], indent=1))
-    print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
-
+from rocketqa_ray.cli import run_job  # noqa: E402
+from rocketqa_ray.commands import pipeline  # noqa: E402
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="BEIR-layout dataset directory (default: the preset's data.path)")
-    ap.add_argument("--out", required=True, help="run directory (reused to resume)")
-    ap.add_argument("--stages", default=None, help="comma-separated subset, e.g. bm25,zero_shot,md0")
-    ap.add_argument("--ablations", action="store_true", help="also run the in-batch and undenoised ablations")
-    add_config_args(ap)
-    run_main(main, ap)
+    run_job(pipeline)

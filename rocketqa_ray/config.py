@@ -1,201 +1,226 @@
 """Pipeline configuration: dataclasses, YAML presets in `configs/`, and `section.key=value` overrides.
 
-Every setting lives in one dataclass field, so the valid keys are exactly the fields; an unknown key
-or a value of the wrong type is a `ConfigError` that lists what is allowed.
+Every setting is one dataclass field with its one-line help, so the valid keys are exactly the fields and the
+valid values of a fixed-choice setting are exactly its `Literal[...]` annotation; an unknown key or a bad value
+is a `ConfigError` that lists what is allowed. The generic loading and type checking live in `config_loader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
-
+from rocketqa_ray.config_loader import apply_dict as apply_dict
+from rocketqa_ray.config_loader import apply_overrides as apply_overrides
+from rocketqa_ray.config_loader import coerce as coerce
+from rocketqa_ray.config_loader import load_yaml as load_yaml
+from rocketqa_ray.config_loader import setting
 from rocketqa_ray.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+# Strings, not bools: "auto" is a third state, decided by the hardware at run time.
+AutoBool = Literal["auto", "true", "false"]
+Pooling = Literal["mean", "cls"]
+DualInit = Literal["base", "previous"]
+CrossLoss = Literal["listwise", "bce", "listwise+bce"]
+IndexKind = Literal["flat", "ivfpq", "hnsw", "auto"]
+IndexRefine = Literal["none", "flat", "sq8"]
+
 
 @dataclass
 class DataConfig:
-    path: str = "data/squad-mini"
-    train_split: str = "train"
-    test_split: str = "test"
-    # Fraction of training questions held out (labels kept) to choose thresholds/epochs without the test split.
-    dev_fraction: float = 0.0
-    # Fraction of training questions whose labels are hidden and that become step 4's unlabelled questions,
-    # unless `unlabeled_queries` names a file of questions without labels.
-    pseudo_fraction: float = 0.3
-    unlabeled_queries: str | None = None
-    max_train_queries: int | None = None
-    seed: int = 0
+    """The dataset and the parts of its training questions held out."""
+
+    path: str = setting("data/squad-mini", help="BEIR-layout dataset folder (corpus, queries, qrels/<split>.tsv)")
+    train_split: str = setting("train", help="qrels split the models are trained on")
+    test_split: str = setting("test", help="qrels split every stage is evaluated on")
+    dev_fraction: float = setting(0.0, help="fraction of training questions held out (labels kept) to choose "
+                                  "thresholds/epochs without the test split")
+    pseudo_fraction: float = setting(0.3, help="fraction of training questions whose labels are hidden: step 4's "
+                                     "unlabelled questions, unless unlabeled_queries names a file")
+    unlabeled_queries: str | None = setting(None, help="file of questions without labels for step 4 "
+                                            "(None = the pseudo_fraction hold-out)")
+    max_train_queries: int | None = setting(None, help="cap on the labelled training questions (None = all)")
+    seed: int = setting(0, help="seed of the held-out splits")
 
 
 @dataclass
 class ModelConfig:
     """The dual encoder's architecture (shared by M_D0, M_D1, M_D2)."""
 
-    base: str = "minilm"  # "minilm" (bundled all-MiniLM-L6-v2), "tiny" (random test BERT) or a local HF path
-    pooling: str = "mean"  # mean | cls
-    normalize: bool = True
-    # Similarity = dot / temperature; 0.05 is sentence-transformers' scale of 20 for cosine.
-    temperature: float = 0.05
-    shared_tower: bool = True
-    query_max_len: int = 32
-    passage_max_len: int = 128
+    base: str = setting("minilm", help="minilm (bundled all-MiniLM-L6-v2), tiny (random test BERT) or a local "
+                        "HF model path")
+    pooling: Pooling = setting("mean", help="how token embeddings become one vector")
+    normalize: bool = setting(True, help="L2-normalise the embeddings (cosine similarity)")
+    temperature: float = setting(0.05, help="similarity = dot / temperature; 0.05 is sentence-transformers' "
+                                 "scale of 20 for cosine")
+    shared_tower: bool = setting(True, help="one encoder for questions and passages")
+    query_max_len: int = setting(32, help="question length in tokens (longer is truncated)")
+    passage_max_len: int = setting(128, help="passage length in tokens (longer is truncated)")
 
 
 @dataclass
 class DualTrainConfig:
     """Dual-encoder training on Ray Train (steps 1, 3, 4)."""
 
-    lr: float = 3e-5
-    weight_decay: float = 0.01
-    batch_size: int = 32  # per worker; the cross-batch negatives are batch_size * num_workers
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_ratio: float = 0.1
-    cross_batch: bool = True
-    num_hard_negatives: int = 1  # per query, for steps 3 and 4 (step 1 uses none)
-    grad_cache: bool = False
-    grad_cache_chunk: int = 16
-    gradient_checkpointing: bool = False
-    length_buckets: int = 4  # forward passages in this many length-sorted chunks (less padding); 1 = one batch
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    bf16: str = "auto"  # auto (CPU with avx512_bf16 or CUDA) | true | false
-    checkpoint_every: int = 0  # steps; 0 = only at the end of each epoch
-    log_every: int = 10
-    # Steps 3/4 start from the base model (paper) or continue from the previous dual encoder.
-    init: str = "base"  # base | previous
-    # Epochs for a stage that continues from the previous dual encoder (init: previous); None = `epochs`.
-    continue_epochs: float | None = None
-    seed: int = 0
+    lr: float = setting(3e-5, help="peak learning rate (AdamW)")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    batch_size: int = setting(32, help="questions per worker; the cross-batch negatives are batch_size * "
+                              "num_workers")
+    epochs: float = setting(1.0, help="passes over the training examples (fractions allowed)")
+    max_steps: int | None = setting(None, help="stop after this many steps (None = epochs decide)")
+    warmup_ratio: float = setting(0.1, help="fraction of the steps with a linear learning-rate warm-up")
+    cross_batch: bool = setting(True, help="share passages across workers as negatives (RocketQA step 1); "
+                                "false = in-batch only")
+    num_hard_negatives: int = setting(1, help="hard negatives per question for steps 3 and 4 (step 1 uses none)")
+    grad_cache: bool = setting(False, help="gradient caching: large batches in little memory, in chunks of "
+                            "grad_cache_chunk")
+    grad_cache_chunk: int = setting(16, help="sub-batch size of a gradient-cached step")
+    gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory, slower)")
+    length_buckets: int = setting(4, help="forward passages in this many length-sorted chunks (less padding); "
+                                  "1 = one batch")
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm; 0 = no clipping")
+    bf16: AutoBool = setting("auto", help="bf16 autocast; auto = on a CPU with avx512_bf16 or on CUDA")
+    checkpoint_every: int = setting(0, help="checkpoint every this many steps; 0 = only at the end of each epoch")
+    log_every: int = setting(10, help="log the loss every this many steps")
+    init: DualInit = setting("base", help="steps 3/4 start from the base model (paper) or continue from the "
+                             "previous dual encoder")
+    continue_epochs: float | None = setting(None, help="epochs for a stage that continues from the previous "
+                                            "dual encoder (init: previous); None = epochs")
+    seed: int = setting(0, help="seed of training: initialisation and example order")
 
 
 @dataclass
 class CrossConfig:
     """Cross-encoder M_C (step 2)."""
 
-    base: str = "minilm"
-    max_len: int = 160
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    batch_size: int = 8  # question groups (1 positive + num_negatives) per worker per step
-    # listwise: softmax over each group (learns to rank fast); bce: pointwise; listwise+bce: both.
-    loss: str = "listwise"
-    # Fraction of the question groups held out of training to calibrate the scores into probabilities
-    # (Platt scaling folded into the classifier head); 0 = keep raw sigmoid scores.
-    calibration_fraction: float = 0.1
-    # Also fit a logistic fusion of the calibrated score with the retriever's score on the held-out groups;
-    # reranking and pseudo-labelling then use the fused probability (calibration.Fusion).
-    fusion: bool = True
-    # Add the question's BM25 score of the passage as a third fusion feature (bm25 section), so the reranker
-    # also weighs exact term overlap; its weight is fit like the others (near 0 where it does not help).
-    fusion_bm25: bool = True
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_ratio: float = 0.1
-    num_negatives: int = 3  # sampled from M_D0's top `mining.top_k` for each positive
-    length_buckets: int = 4  # forward pairs in this many length-sorted chunks (less padding); 1 = one batch
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    bf16: str = "auto"
-    checkpoint_every: int = 0
-    log_every: int = 10
-    seed: int = 0
+    base: str = setting("minilm", help="base model: minilm, tiny or a local HF model path")
+    max_len: int = setting(160, help="question + passage length in tokens")
+    lr: float = setting(5e-5, help="peak learning rate (AdamW)")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    batch_size: int = setting(8, help="question groups (1 positive + num_negatives) per worker per step")
+    loss: CrossLoss = setting("listwise", help="listwise: softmax over each group (learns to rank fast); "
+                              "bce: pointwise; listwise+bce: both")
+    calibration_fraction: float = setting(0.1, help="question groups held out of training to calibrate scores "
+                                          "into probabilities (Platt scaling); 0 = raw sigmoid scores")
+    fusion: bool = setting(True, help="fit a logistic fusion of the calibrated score with the retriever's score "
+                           "on the held-out groups; reranking and pseudo-labels use it")
+    fusion_bm25: bool = setting(True, help="add the passage's BM25 score as a third fusion feature (exact term "
+                                "overlap; its weight is fit, near 0 where it does not help)")
+    epochs: float = setting(1.0, help="passes over the training groups (fractions allowed)")
+    max_steps: int | None = setting(None, help="stop after this many steps (None = epochs decide)")
+    warmup_ratio: float = setting(0.1, help="fraction of the steps with a linear learning-rate warm-up")
+    num_negatives: int = setting(3, help="negatives per positive, sampled from M_D0's top mining.top_k")
+    length_buckets: int = setting(4, help="forward pairs in this many length-sorted chunks (less padding); "
+                                  "1 = one batch")
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm; 0 = no clipping")
+    bf16: AutoBool = setting("auto", help="bf16 autocast; auto = on a CPU with avx512_bf16 or on CUDA")
+    checkpoint_every: int = setting(0, help="checkpoint every this many steps; 0 = only at the end of each epoch")
+    log_every: int = setting(10, help="log the loss every this many steps")
+    seed: int = setting(0, help="seed of training: initialisation and example order")
 
 
 @dataclass
 class MiningConfig:
     """Hard negatives, denoising (step 3) and pseudo-labels (step 4)."""
 
-    top_k: int = 100  # dual-encoder depth from which negatives are drawn
-    denoise: bool = True
-    denoise_top: int = 50  # the cross-encoder scores this many of the top_k (paper: 50)
-    denoise_threshold: float = 0.1  # keep a negative only if its CE score is below this
-    # Also mine this many of BM25's top passages per question (gold excluded) into the step-3 pool, denoised like
-    # the dense ones: lexical hard negatives (DPR) for a retriever that trails BM25 on lexical data.
-    bm25_negatives: int = 0
-    pseudo: bool = True
-    pseudo_top_k: int = 20
-    pseudo_pos_threshold: float = 0.9
-    pseudo_neg_threshold: float = 0.1
-    seed: int = 0
+    top_k: int = setting(100, help="dual-encoder depth from which negatives are drawn")
+    denoise: bool = setting(True, help="drop mined negatives the cross-encoder finds likely positive (step 3)")
+    denoise_top: int = setting(50, help="the cross-encoder scores this many of the top_k (paper: 50)")
+    denoise_threshold: float = setting(0.1, help="keep a negative only if its cross-encoder score is below this")
+    bm25_negatives: int = setting(0, help="also mine this many of BM25's top passages per question into step 3's "
+                                  "pool, denoised alike (lexical hard negatives, DPR)")
+    pseudo: bool = setting(True, help="pseudo-label the unlabelled questions with the cross-encoder (step 4)")
+    pseudo_top_k: int = setting(20, help="dual-encoder candidates per unlabelled question the cross-encoder labels")
+    pseudo_pos_threshold: float = setting(0.9, help="a candidate scoring at least this becomes a positive")
+    pseudo_neg_threshold: float = setting(0.1, help="a candidate scoring at most this becomes a negative")
+    seed: int = setting(0, help="seed of negative sampling and of the calibration hold-out")
 
 
 @dataclass
 class BM25Config:
     """Lexical scoring (bm25s, Lucene variant): the BM25 reference row and the reranker's third fusion feature."""
 
-    k1: float = 0.9
-    b: float = 0.4
-    stem: bool = True  # English Snowball stemming (PyStemmer); squad-mini test MRR@10 0.828 vs 0.810 without
+    k1: float = setting(0.9, help="term-frequency saturation")
+    b: float = setting(0.4, help="document-length normalisation")
+    stem: bool = setting(True, help="English Snowball stemming (PyStemmer); squad-mini test MRR@10 0.828 vs 0.810 "
+                         "without")
 
 
 @dataclass
 class IndexConfig:
-    kind: str = "flat"  # flat | ivfpq | hnsw | auto
-    nlist: int | None = None  # IVF lists; None = chosen from corpus size
-    pq_m: int | None = None  # PQ sub-quantizers; None = dim // 8 (divisor of dim)
-    nprobe: int = 32
-    hnsw_m: int = 32
-    ef_construction: int = 200
-    ef_search: int = 256
-    shard_size: int | None = None  # vectors per shard; None = one index
-    use_gpu: str = "auto"  # auto | true | false
-    train_sample: int = 131072  # IVF-PQ training vectors (k-means cost grows with it; >= 39 per list)
-    # IVF-PQ re-ranking: the top refine_k_factor * k PQ candidates are re-scored with kept vectors.
-    refine: str = "flat"  # none (PQ codes only) | flat (exact, +4*dim bytes/vector) | sq8 (+dim bytes/vector)
-    refine_k_factor: float = 4.0
+    """The FAISS index the dual encoders' passages are searched with."""
+
+    kind: IndexKind = setting("flat", help="flat (exact), ivfpq (compressed), hnsw (graph), auto (flat below "
+                              "200k vectors, ivfpq above)")
+    nlist: int | None = setting(None, help="IVF lists; None = chosen from the corpus size")
+    pq_m: int | None = setting(None, help="PQ sub-quantizers; None = dim // 8 (a divisor of dim)")
+    nprobe: int = setting(32, help="IVF lists searched per query")
+    hnsw_m: int = setting(32, help="HNSW neighbours per node")
+    ef_construction: int = setting(200, help="HNSW candidate list size while building")
+    ef_search: int = setting(256, help="HNSW candidate list size while searching")
+    shard_size: int | None = setting(None, help="vectors per shard; None = one index")
+    use_gpu: AutoBool = setting("auto", help="build and search on GPU; auto = when faiss sees a GPU")
+    train_sample: int = setting(131072, help="IVF-PQ training vectors (k-means cost grows with it; >= 39 per list)")
+    refine: IndexRefine = setting("flat", help="IVF-PQ re-ranking store: none (PQ codes only), flat (exact, "
+                                  "+4*dim bytes/vector), sq8 (+dim bytes/vector)")
+    refine_k_factor: float = setting(4.0, help="the top refine_k_factor * k PQ candidates are re-scored with the "
+                                     "kept vectors")
 
 
 @dataclass
 class EncodeConfig:
     """Ray Data encoding and scoring actors."""
 
-    batch_size: int = 128
-    num_actors: int = 2
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    bf16: str = "auto"
-    sort_by_length: bool = True
-    rows_per_shard: int = 4096
-    # Query sets up to this size are encoded in the driver process: starting an actor pool and loading the
-    # model into it (~7 s) costs more than encoding a few thousand short queries (~1,000/s on 2 cores).
-    driver_max_queries: int = 4096
+    batch_size: int = setting(128, help="texts per forward pass")
+    num_actors: int = setting(2, help="encoding/scoring actors in the pool")
+    cpus_per_actor: float = setting(1.0, help="CPUs reserved per actor")
+    gpus_per_actor: float = setting(0.0, help="GPUs per actor; > 0 encodes on CUDA")
+    bf16: AutoBool = setting("auto", help="bf16 autocast; auto = on a CPU with avx512_bf16 or on CUDA")
+    sort_by_length: bool = setting(True, help="batch texts of similar length together (less padding)")
+    rows_per_shard: int = setting(4096, help="texts per Parquet output shard (the unit of resuming)")
+    driver_max_queries: int = setting(4096, help="query sets up to this size are encoded in the driver: an actor "
+                                      "pool and its model load (~7 s) cost more than a few thousand queries")
 
 
 @dataclass
 class RayConfig:
-    address: str | None = None  # None = the job's cluster, or a local one
-    num_workers: int = 2  # Ray Train workers
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    max_failures: int = 2
-    local_num_cpus: int | None = 4  # logical CPUs for a local ray.init (oversubscribed on purpose, see README)
+    """Where and with how many workers the Ray parts run."""
+
+    address: str | None = setting(None, help="Ray cluster address; None = the job's cluster, or a local one")
+    num_workers: int = setting(2, help="Ray Train workers")
+    cpus_per_worker: float = setting(1.0, help="CPUs reserved per Ray Train worker")
+    use_gpu: bool = setting(False, help="Ray Train workers train on one GPU each")
+    max_failures: int = setting(2, help="times Ray Train restarts a failed run from its last checkpoint")
+    local_num_cpus: int | None = setting(4, help="logical CPUs for a local ray.init (oversubscribed on purpose, "
+                                         "see README); None = the machine's")
 
 
 @dataclass
 class EvalConfig:
-    depth: int = 100
-    rerank_top_k: int = 20  # cross-encoder reranks this many for md2_rerank and in the service
-    answer_k: int = 20
+    """Retrieval depth and metrics of every stage's evaluation."""
+
+    depth: int = setting(100, help="passages retrieved per question")
+    rerank_top_k: int = setting(20, help="the cross-encoder reranks this many for md2_rerank and in the service")
+    answer_k: int = setting(20, help="answer accuracy@k: an answer string in the top answer_k passages")
 
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    encoder_replicas: int = 1
-    retriever_replicas: int = 1
-    reranker_replicas: int = 1
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    max_query_chars: int = 1000
-    rerank_top_k: int = 20
+    """The Ray Serve application (serve/app.py) and the in-process service."""
+
+    host: str = setting("127.0.0.1", help="HTTP host")
+    port: int = setting(8000, help="HTTP port")
+    encoder_replicas: int = setting(1, help="query-encoder replicas")
+    retriever_replicas: int = setting(1, help="FAISS retriever replicas")
+    reranker_replicas: int = setting(1, help="cross-encoder reranker replicas")
+    max_batch_size: int = setting(16, help="concurrent requests batched into one forward pass")
+    batch_wait_timeout_s: float = setting(0.01, help="seconds a batch waits to fill")
+    max_query_chars: int = setting(1000, help="longer queries are refused")
+    rerank_top_k: int = setting(20, help="candidates the cross-encoder reranks per request")
 
 
 def _default_stages() -> list[str]:
@@ -206,152 +231,33 @@ def _default_stages() -> list[str]:
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=_default_stages)
-    ablations: bool = False  # also run in-batch md0, undenoised md1, un-augmented md2
+    """Which stages a pipeline run computes."""
+
+    stages: list[str] = setting(factory=_default_stages, help="stages to run, in order (default: all)")
+    ablations: bool = setting(False, help="also run in-batch md0, undenoised md1, un-augmented md2")
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dual: DualTrainConfig = field(default_factory=DualTrainConfig)
-    cross: CrossConfig = field(default_factory=CrossConfig)
-    mining: MiningConfig = field(default_factory=MiningConfig)
-    bm25: BM25Config = field(default_factory=BM25Config)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: DataConfig = setting(factory=DataConfig, help=DataConfig.__doc__)
+    model: ModelConfig = setting(factory=ModelConfig, help=ModelConfig.__doc__)
+    dual: DualTrainConfig = setting(factory=DualTrainConfig, help=DualTrainConfig.__doc__)
+    cross: CrossConfig = setting(factory=CrossConfig, help=CrossConfig.__doc__)
+    mining: MiningConfig = setting(factory=MiningConfig, help=MiningConfig.__doc__)
+    bm25: BM25Config = setting(factory=BM25Config, help=BM25Config.__doc__)
+    index: IndexConfig = setting(factory=IndexConfig, help=IndexConfig.__doc__)
+    encode: EncodeConfig = setting(factory=EncodeConfig, help=EncodeConfig.__doc__)
+    ray: RayConfig = setting(factory=RayConfig, help=RayConfig.__doc__)
+    eval: EvalConfig = setting(factory=EvalConfig, help=EvalConfig.__doc__)
+    serve: ServeConfig = setting(factory=ServeConfig, help=ServeConfig.__doc__)
+    pipeline: PipelineConfig = setting(factory=PipelineConfig, help=PipelineConfig.__doc__)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _valid_keys(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`, converting the lossless cases (int -> float, 'true' -> bool)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [coerce(v, item_tp, where) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, bool):
-            return "true" if value else "false"  # bf16: true in YAML means the string "true"
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def _apply_section(obj: Any, values: dict[str, Any], section: str) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
-    hints = typing.get_type_hints(type(obj))
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(
-                f"unknown config key '{section}.{key}'; valid keys in '{section}': {', '.join(_valid_keys(type(obj)))}"
-            )
-        setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
-
-
-def apply_dict(cfg: Config, values: dict[str, Any], source: str = "config") -> Config:
-    """Apply a nested dict {section: {key: value}} onto `cfg` (in place), validating keys and types."""
-    if values is None:
-        return cfg
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
-    sections = _valid_keys(Config)
-    for section, sub in values.items():
-        if section not in sections:
-            raise ConfigError(f"{source}: unknown config section '{section}'; valid sections: {', '.join(sections)}")
-        _apply_section(getattr(cfg, section), sub, section)
-    return cfg
-
-
-def _parse_scalar(text: str) -> Any:
-    # YAML gives 3 -> int, 0.1 -> float, true -> bool, null -> None, [a, b] -> list
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` strings."""
-    for item in overrides or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"bad override {item!r}: expected section.key=value, e.g. dual.lr=2e-5")
-        dotted, raw = item.split("=", 1)
-        section, key = dotted.strip().split(".", 1)
-        value = _parse_scalar(raw)
-        if isinstance(value, str) and value.strip() == "":
-            value = raw
-        apply_dict(cfg, {section: {key: value}}, source=f"--set {item}")
-    return cfg
-
-
 def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
 
 
 def load_config(
@@ -375,24 +281,8 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return apply_dict(Config(), values, source="saved config")
 
 
-CHOICES = {
-    "model.pooling": ("mean", "cls"),
-    "dual.bf16": ("auto", "true", "false"),
-    "dual.init": ("base", "previous"),
-    "cross.bf16": ("auto", "true", "false"),
-    "cross.loss": ("listwise", "bce", "listwise+bce"),
-    "encode.bf16": ("auto", "true", "false"),
-    "index.kind": ("flat", "ivfpq", "hnsw", "auto"),
-    "index.use_gpu": ("auto", "true", "false"),
-}
-
-
 def validate(cfg: Config) -> None:
-    for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not one of: {', '.join(allowed)}")
+    """Checks across keys and of ranges; each value's type and Literal choices were checked as it was set."""
     from rocketqa_ray.pipeline.registry import stage_names
 
     valid = stage_names(ablations=False)

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
 import pytest
 
-from rocketqa_ray.config import Config, config_from_dict, load_config, preset_names
+from rocketqa_ray.config import (
+    AutoBool,
+    Config,
+    CrossLoss,
+    IndexKind,
+    Pooling,
+    coerce,
+    config_from_dict,
+    load_config,
+    preset_names,
+)
+from rocketqa_ray.config_loader import field_help, literal_choices, type_name
 from rocketqa_ray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["tiny", "cpu", "paper"])
@@ -133,3 +153,121 @@ def test_round_trip_through_dict():
     cfg = load_config("paper", overrides=["dual.lr=1e-5"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
+
+
+# ------------------------------------------------------------------ help text and Literal choices, one source each
+def _sections():
+    hints = typing.get_type_hints(Config)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(Config)]
+
+
+def _literal_keys():
+    """{"section.key": allowed values} for every Literal-typed setting."""
+    out = {}
+    for name, cls in _sections():
+        for key, tp in typing.get_type_hints(cls).items():
+            if (choices := literal_choices(tp)) is not None:
+                out[f"{name}.{key}"] = choices
+    return out
+
+
+def test_every_setting_has_one_line_help():
+    for section in dataclasses.fields(Config):
+        assert field_help(section).strip(), f"section {section.name} has no help"
+    for name, cls in _sections():
+        for f in dataclasses.fields(cls):
+            text = field_help(f)
+            assert text.strip(), f"{name}.{f.name} has no help text"
+            assert "\n" not in text and len(text) < 200, f"{name}.{f.name}: help should be one line"
+
+
+def test_fixed_choice_settings_are_literals():
+    keys = _literal_keys()
+    assert keys["model.pooling"] == ("mean", "cls")
+    assert keys["cross.loss"] == ("listwise", "bce", "listwise+bce")
+    assert keys["dual.init"] == ("base", "previous")
+    assert keys["index.kind"] == ("flat", "ivfpq", "hnsw", "auto")
+    assert keys["index.refine"] == ("none", "flat", "sq8")
+    for dotted in ("dual.bf16", "cross.bf16", "encode.bf16", "index.use_gpu"):
+        assert keys[dotted] == ("auto", "true", "false")
+    defaults = Config()
+    for dotted, allowed in keys.items():  # every default is one of its own choices
+        section, key = dotted.split(".")
+        assert getattr(getattr(defaults, section), key) in allowed, dotted
+
+
+@pytest.mark.parametrize("dotted", sorted(_literal_keys()))
+def test_literal_choices_are_enforced_and_named(dotted):
+    allowed = _literal_keys()[dotted]
+    for value in allowed:  # each allowed value is accepted as a --set string
+        cfg = load_config("tiny", overrides=[f"{dotted}={value}"])
+        section, key = dotted.split(".")
+        assert getattr(getattr(cfg, section), key) == value
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=[f"{dotted}=bogus"])
+    assert str(e.value) == f"{dotted}='bogus' is not one of: {', '.join(allowed)}"
+
+
+def test_literal_checked_in_files_and_saved_configs(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("cross:\n  loss: softmax\n")
+    with pytest.raises(ConfigError, match=r"cross.loss='softmax' is not one of: listwise, bce, listwise\+bce"):
+        load_config("tiny", file=f)
+    with pytest.raises(ConfigError, match="index.refine='exact' is not one of: none, flat, sq8"):
+        config_from_dict({"index": {"refine": "exact"}})
+    # YAML's bool reads as the choice string, in a file as on the command line.
+    f.write_text("index:\n  use_gpu: false\n")
+    assert load_config("tiny", file=f).index.use_gpu == "false"
+
+
+def test_coerce_checks_literals_for_other_callers():
+    # serve/app.py type-checks its own arguments with coerce, naming the bare key.
+    assert coerce("cls", Pooling, "pooling") == "cls"
+    assert coerce(True, AutoBool, "bf16") == "true"
+    with pytest.raises(ConfigError, match="^kind='lsh' is not one of: flat, ivfpq, hnsw, auto$"):
+        coerce("lsh", IndexKind, "kind")
+    with pytest.raises(ConfigError, match=r"^loss=\['a'\] is not one of"):
+        coerce(["a"], CrossLoss, "loss")
+
+
+# ------------------------------------------------------------------ `rocketqa-ray config`
+def run_config_command(*args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "rocketqa-ray"
+    assert script.exists(), f"{script} missing: pip install -e . --no-deps"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([str(script), "config", *args], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=REPO)
+
+
+def test_config_command_lists_every_key_with_value_type_and_help(tmp_path):
+    r = run_config_command("--preset", "cpu", "--set", "dual.lr=2e-5")
+    assert r.returncode == 0, r.stderr
+    printed: dict[str, dict[str, str]] = {}  # section -> key -> its line
+    for line in r.stdout.splitlines():
+        if line.startswith("#"):
+            continue
+        if not line.startswith(" "):
+            section = line.split(":")[0]
+            printed[section] = {}
+        else:
+            printed[section][line.split(":")[0].strip()] = line
+    assert list(printed) == [name for name, _ in _sections()]
+    for name, cls in _sections():
+        hints = typing.get_type_hints(cls)
+        assert list(printed[name]) == [f.name for f in dataclasses.fields(cls)], name
+        for f in dataclasses.fields(cls):
+            assert printed[name][f.name].endswith(f"# {type_name(hints[f.name])} - {field_help(f)}")
+    assert printed["model"]["pooling"].startswith("  pooling: mean ")
+    assert "# mean | cls - " in printed["model"]["pooling"]  # a Literal's type is its choices
+    assert "# auto | true | false - " in printed["index"]["use_gpu"]
+    # It is YAML: saved and loaded back (without the preset) it is the same config, override included.
+    saved = tmp_path / "cpu.yaml"
+    saved.write_text(r.stdout)
+    assert load_config(None, file=saved) == load_config("cpu", overrides=["dual.lr=2e-5"])
+    assert load_config(None, file=saved).dual.lr == pytest.approx(2e-5)
+
+
+def test_config_command_bad_input_is_one_line():
+    r = run_config_command("--preset", "cpu", "--set", "model.pooling=max")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["error: model.pooling='max' is not one of: mean, cls"]

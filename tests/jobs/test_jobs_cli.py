@@ -1,11 +1,12 @@
 """jobs/evaluate.py end to end, as a user runs it (subprocesses): errors are one line and exit 2,
-BM25 on the bundled squad-mini reproduces the reference figure, the dense path works on a saved model."""
+BM25 on the bundled squad-mini reproduces the reference figure, the dense path works on a saved model.
+The `rocketqa-ray` console script's subcommands are the same programs as jobs/*.py: same flags, same output."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,30 +14,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rocketqa_ray.commands.evaluate import exact_search
+
 REPO = Path(__file__).resolve().parents[2]
 EVALUATE = REPO / "jobs" / "evaluate.py"
+SCRIPT = Path(sys.executable).parent / "rocketqa-ray"  # the console script (pip install -e .)
+# Subcommand -> its jobs/*.py entry point.
+JOBS = {"pipeline": "pipeline", "evaluate": "evaluate", "train-dual": "train_dual", "encode": "encode",
+        "index": "index", "search": "search"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def entry_points(command: str) -> dict[str, list[str]]:
+    """The two ways to run a command: `python jobs/<command>.py` and `rocketqa-ray <command>`."""
+    assert SCRIPT.exists(), f"{SCRIPT} missing: pip install -e . --no-deps"
+    return {"job": [sys.executable, str(REPO / "jobs" / f"{JOBS[command]}.py")], "cli": [str(SCRIPT), command]}
+
+
+def run(cmd: list[str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
 def run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(EVALUATE), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    return run([sys.executable, str(EVALUATE)], *args, timeout=timeout)
 
 
-def _load_evaluate_module():
-    spec = importlib.util.spec_from_file_location("evaluate_job", EVALUATE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_bad_data_dir_is_one_line(tmp_path):
-    r = run_job("--data", str(tmp_path / "missing"), "--retriever", "bm25")
-    assert r.returncode == 2
-    assert r.stdout == ""
-    assert r.stderr.strip().splitlines() == [
-        f"error: data directory {tmp_path / 'missing'} does not exist; pass --data DIR with a BEIR-layout dataset"]
-    assert "Traceback" not in r.stderr
+def run_both(command: str, *args: str) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    job, cli = (run(cmd, *args) for cmd in entry_points(command).values())
+    return job, cli
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -46,14 +51,19 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_bm25_on_squad_mini_matches_reference(tmp_path):
-    run_file = tmp_path / "bm25.trec"
-    r = run_job("--data", str(REPO / "data" / "squad-mini"), "--retriever", "bm25", "--run-out", str(run_file))
-    assert r.returncode == 0, r.stderr
-    m = json.loads(r.stdout)
+    """Through jobs/evaluate.py and `rocketqa-ray evaluate` alike: the reference metrics and the same run file."""
+    outputs = {}
+    for how, cmd in entry_points("evaluate").items():
+        run_file = tmp_path / f"{how}.trec"
+        r = run(cmd, "--data", "data/squad-mini", "--retriever", "bm25", "--run-out", str(run_file))
+        assert r.returncode == 0, r.stderr
+        outputs[how] = (r.stdout, run_file.read_text())
+    assert outputs["cli"] == outputs["job"]  # the same JSON line, the same ranking
+    m = json.loads(outputs["job"][0])
     assert set(m) == {"mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20"}
     assert m["mrr@10"] == pytest.approx(0.810, abs=0.01)  # the issue's reference figure (bm25s lucene, k1 .9, b .4)
     assert m["recall@100"] == pytest.approx(0.986, abs=0.01)
-    lines = run_file.read_text().splitlines()
+    lines = outputs["job"][1].splitlines()
     assert len(lines) == 500 * 100 and lines[0].split()[1] == "Q0"
 
 
@@ -112,12 +122,58 @@ def test_bad_arguments(tmp_path):
 
 
 def test_exact_search_matches_brute_force():
-    mod = _load_evaluate_module()
     rng = np.random.default_rng(0)
     q, p = rng.normal(size=(7, 8)).astype(np.float32), rng.normal(size=(50, 8)).astype(np.float32)
-    idx, scores = mod.exact_search(q, p, k=5, chunk=3)  # chunks smaller than the query count
+    idx, scores = exact_search(q, p, k=5, chunk=3)  # chunks smaller than the query count
     full = q @ p.T
     np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :5])
     np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :5], rtol=1e-6)
-    idx_all, _ = mod.exact_search(q, p, k=500)  # k above the corpus size returns the whole corpus, ranked
+    idx_all, _ = exact_search(q, p, k=500)  # k above the corpus size returns the whole corpus, ranked
     np.testing.assert_array_equal(idx_all, np.argsort(-full, axis=1))
+
+
+# ------------------------------------------------------------------ `rocketqa-ray <command>` == jobs/<command>.py
+def _options(help_text: str) -> str:
+    """The flags part of an argparse --help (the usage line names the program, so it differs)."""
+    return help_text[help_text.index("\noptions:"):]
+
+
+@pytest.mark.parametrize("command", sorted(JOBS))
+def test_subcommand_takes_the_jobs_flags(command):
+    job, cli = run_both(command, "--help")
+    assert job.returncode == cli.returncode == 0, job.stderr + cli.stderr
+    assert _options(cli.stdout) == _options(job.stdout)
+    assert "--debug" in _options(job.stdout)
+
+
+def test_console_script_lists_every_command():
+    r = run([str(SCRIPT), "--help"])
+    assert r.returncode == 0
+    listed = re.findall(r"^    (\S+)", r.stdout, flags=re.M)
+    assert listed == [*JOBS, "config"]
+
+
+def test_bad_data_dir_is_one_line_through_both(tmp_path):
+    missing = tmp_path / "missing"
+    for r in run_both("evaluate", "--data", str(missing), "--retriever", "bm25"):
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.strip().splitlines() == [
+            f"error: data directory {missing} does not exist; pass --data DIR with a BEIR-layout dataset"]
+    cli = run(entry_points("evaluate")["cli"], "--data", str(missing), "--retriever", "bm25", "--debug")
+    assert cli.returncode not in (0, 2) and "Traceback" in cli.stderr and "DataError" in cli.stderr
+
+
+@pytest.mark.parametrize("command, args", [
+    ("pipeline", ["--out", "{tmp}"]),
+    ("train-dual", ["--data", "{tmp}", "--out", "{tmp}"]),
+    ("encode", ["--model", "tiny", "--data", "{tmp}", "--out", "{tmp}"]),
+    ("index", ["--embeddings", "{tmp}", "--out", "{tmp}"]),
+    ("search", ["--model", "tiny", "--index", "{tmp}", "--data", "{tmp}", "--out", "{tmp}"]),
+])
+def test_bad_setting_is_one_line_through_both(command, args, tmp_path):
+    """A Literal setting's bad value stops the job before any work, naming the allowed values."""
+    job, cli = run_both(command, *[a.format(tmp=tmp_path / "x") for a in args], "--set", "index.kind=lsh")
+    for r in (job, cli):
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == ["error: index.kind='lsh' is not one of: flat, ivfpq, hnsw, auto"]
+    assert not (tmp_path / "x").exists()
