@@ -29,11 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rocketqa_ray.config import EncodeConfig, ModelConfig, RayConfig  # noqa: E402
+from rocketqa_ray.config import AutoBool, EncodeConfig, ModelConfig, RayConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -151,7 +152,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="SQuAD passages for the throughput runs")
     ap.add_argument("--base", default="minilm", help="model for the throughput runs (minilm, tiny or a path)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--bf16", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--bf16", default="auto", choices=typing.get_args(AutoBool))
     ap.add_argument("--mem-n", type=int, default=2000, help="synthetic passages for the memory runs (and 10x)")
     ap.add_argument("--rows-per-shard", type=int, default=512)
     ap.add_argument("--skip-memory", action="store_true")

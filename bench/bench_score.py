@@ -22,11 +22,12 @@ import random
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rocketqa_ray.config import EncodeConfig, RayConfig  # noqa: E402
+from rocketqa_ray.config import AutoBool, EncodeConfig, RayConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--base", default="minilm", help="cross-encoder base (minilm, tiny or a path)")
     ap.add_argument("--max-len", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--bf16", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--bf16", default="auto", choices=typing.get_args(AutoBool))
     ap.add_argument("--rows-per-shard", type=int, default=256)
     ap.add_argument("--out", default=str(RESULTS / "score.json"))
     args = ap.parse_args()

@@ -26,11 +26,13 @@ import os
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rocketqa_ray.cli import setup_logging  # noqa: E402
+from rocketqa_ray.config import AutoBool  # noqa: E402
 
 log = logging.getLogger("bench_train")
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +194,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (split between workers)")
-    ap.add_argument("--bf16", default="auto", choices=("auto", "true", "false"))
+    ap.add_argument("--bf16", default="auto", choices=typing.get_args(AutoBool))
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats; the best of each is kept")
     ap.add_argument("--skip-2-workers", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from typing import Any
 
 import numpy as np
 
-from rocketqa_ray.config import IndexConfig
+from rocketqa_ray.config import AutoBool, IndexConfig, IndexKind, IndexRefine
 from rocketqa_ray.errors import ConfigError, DataError, RocketQAError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivfpq", "hnsw", "auto")
-REFINES = ("none", "flat", "sq8")
+# The config's Literal types are the one list of valid values; IndexConfig objects built in code (tests, benches)
+# are not validated on construction, so the factory checks them again.
+KINDS = typing.get_args(IndexKind)
+REFINES = typing.get_args(IndexRefine)
+USE_GPU = typing.get_args(AutoBool)
 METRICS = ("ip", "l2")
 # "auto" picks an exact index below this many vectors: flat search on 200k x 384 is ~10 ms per query on
 # one core, and exact results are worth more than speed at that size.
@@ -163,8 +167,8 @@ def gpu_count() -> int:
 
 
 def want_gpu(cfg: IndexConfig) -> bool:
-    if cfg.use_gpu not in ("auto", "true", "false"):
-        raise ConfigError(f"index.use_gpu={cfg.use_gpu!r} is not one of: auto, true, false")
+    if cfg.use_gpu not in USE_GPU:
+        raise ConfigError(f"index.use_gpu={cfg.use_gpu!r} is not one of: {', '.join(USE_GPU)}")
     if cfg.use_gpu == "false":
         return False
     n = gpu_count()
