@@ -20,9 +20,44 @@ from rocketqa_ray.errors import ConfigError
 C = TypeVar("C")
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its one-line help text (`field_help` reads it back)."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING,
+            ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A dataclass field with its one-line help text (`field_help` reads it back) and, for a number, its valid
+    range (`check_range` enforces it; None = no bound on that side)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, "range": bounds})
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """The field's valid range in words, e.g. '> 0', '>= 1', 'in [0, 1)'; '' when it has none."""
+    b = f.metadata.get("range") or {}
+    lo = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
+    hi = ("]", b["le"]) if "le" in b else (")", b["lt"]) if "lt" in b else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+    return ""
+
+
+def check_range(value: Any, f: dataclasses.Field, where: str) -> None:
+    """A ConfigError naming the valid range when a number lies outside its field's range (None is not checked)."""
+    b = f.metadata.get("range") or {}
+    if value is None or not b or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    ok = (("ge" not in b or value >= b["ge"]) and ("gt" not in b or value > b["gt"])
+          and ("le" not in b or value <= b["le"]) and ("lt" not in b or value < b["lt"]))
+    if not ok:
+        raise ConfigError(f"{where}={value!r} is out of range: it must be {range_text(f)}")
+
+
+def check_ranges(obj: Any, section: str) -> None:
+    """`check_range` for every field of a section dataclass."""
+    for f in dataclasses.fields(obj):
+        check_range(getattr(obj, f.name), f, f"{section}.{f.name}")
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -127,12 +162,15 @@ def _apply_section(obj: Any, values: dict[str, Any], section: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
     hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(
                 f"unknown config key '{section}.{key}'; valid keys in '{section}': {', '.join(_valid_keys(type(obj)))}"
             )
-        setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
+        value = coerce(value, hints[key], f"{section}.{key}")
+        check_range(value, fields[key], f"{section}.{key}")
+        setattr(obj, key, value)
 
 
 def apply_dict(cfg: C, values: dict[str, Any] | None, source: str = "config") -> C:

@@ -22,7 +22,7 @@ from rocketqa_ray.config import (
     load_config,
     preset_names,
 )
-from rocketqa_ray.config_loader import field_help, literal_choices, type_name
+from rocketqa_ray.config_loader import field_help, literal_choices, range_text, type_name
 from rocketqa_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,10 +115,17 @@ def test_section_must_be_mapping(tmp_path):
     ("index.kind=lsh", "index.kind='lsh' is not one of"),
     ("dual.bf16=sometimes", "dual.bf16='sometimes' is not one of: auto, true, false"),
     ("pipeline.stages=bm25,md9", "unknown stage 'md9'"),
-    ("data.pseudo_fraction=1.5", "data.pseudo_fraction=1.5 must be in [0, 1)"),
+    ("data.pseudo_fraction=1.5", "data.pseudo_fraction=1.5 is out of range: it must be in [0, 1)"),
     ("mining.denoise_top=500", "mining.denoise_top (500) cannot exceed mining.top_k"),
-    ("dual.batch_size=0", "dual.batch_size must be at least 1"),
-    ("model.temperature=0", "model.temperature must be > 0"),
+    ("dual.batch_size=0", "dual.batch_size=0 is out of range: it must be >= 1"),
+    ("model.temperature=0", "model.temperature=0.0 is out of range: it must be > 0"),
+    ("eval.depth=0", "eval.depth=0 is out of range: it must be >= 1"),
+    ("dual.epochs=0", "dual.epochs=0.0 is out of range: it must be > 0"),
+    ("dual.lr=-1e-5", "dual.lr=-1e-05 is out of range: it must be > 0"),
+    ("cross.lr=0", "cross.lr=0.0 is out of range: it must be > 0"),
+    ("mining.denoise_threshold=1.5", "mining.denoise_threshold=1.5 is out of range: it must be in [0, 1]"),
+    ("serve.port=70000", "serve.port=70000 is out of range: it must be in [1, 65535]"),
+    ("eval.rerank_top_k=500", "eval.rerank_top_k (500) cannot exceed eval.depth"),
 ])
 def test_invalid_choices(override, expect):
     with pytest.raises(ConfigError) as e:
@@ -256,7 +263,8 @@ def test_config_command_lists_every_key_with_value_type_and_help(tmp_path):
         hints = typing.get_type_hints(cls)
         assert list(printed[name]) == [f.name for f in dataclasses.fields(cls)], name
         for f in dataclasses.fields(cls):
-            assert printed[name][f.name].endswith(f"# {type_name(hints[f.name])} - {field_help(f)}")
+            bounds = f", {range_text(f)}" if range_text(f) else ""
+            assert printed[name][f.name].endswith(f"# {type_name(hints[f.name])}{bounds} - {field_help(f)}")
     assert printed["model"]["pooling"].startswith("  pooling: mean ")
     assert "# mean | cls - " in printed["model"]["pooling"]  # a Literal's type is its choices
     assert "# auto | true | false - " in printed["index"]["use_gpu"]
@@ -271,3 +279,24 @@ def test_config_command_bad_input_is_one_line():
     r = run_config_command("--preset", "cpu", "--set", "model.pooling=max")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == ["error: model.pooling='max' is not one of: mean, cls"]
+
+
+def test_every_number_has_a_range_and_values_set_in_code_are_checked_too():
+    import dataclasses
+    import typing
+
+    from rocketqa_ray.config import Config, validate
+    from rocketqa_ray.config_loader import range_text
+
+    unbounded = []
+    for sec in dataclasses.fields(Config):
+        hints = typing.get_type_hints(sec.type if isinstance(sec.type, type) else type(getattr(Config(), sec.name)))
+        for f in dataclasses.fields(getattr(Config(), sec.name)):
+            numeric = hints[f.name] in (int, float, int | None, float | None)
+            if numeric and f.name != "seed" and not range_text(f):
+                unbounded.append(f"{sec.name}.{f.name}")
+    assert unbounded == []
+    cfg = load_config("tiny")
+    cfg.dual.lr = -1.0  # set in code, bypassing --set: validate still refuses it
+    with pytest.raises(ConfigError, match=r"dual\.lr=-1\.0 is out of range"):
+        validate(cfg)

@@ -4,7 +4,7 @@
     rocketqa-ray config --preset paper --set dual.lr=2e-5 > mine.yaml     # edit, then pass it with --config
 
 The output is YAML (help in comments), so a saved copy loads back as the same config. A type such as
-`mean | cls` lists the only values a key accepts.
+`mean | cls` lists the only values a key accepts; `float, > 0` gives a number's valid range.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from rocketqa_ray.commands.args import add_config_args
-from rocketqa_ray.config_loader import field_help, type_name
+from rocketqa_ray.config_loader import field_help, range_text, type_name
 
 COMMENT_COLUMN = 36  # where the `# type - help` comments start, unless a key and value are longer
 
@@ -53,5 +53,7 @@ def describe(cfg: Any) -> str:
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             key_value = f"  {f.name}: {yaml_value(getattr(obj, f.name))}"
-            lines.append(f"{key_value:<{COMMENT_COLUMN}}  # {type_name(hints[f.name])} - {field_help(f)}")
+            bounds = range_text(f)
+            kind = type_name(hints[f.name]) + (f", {bounds}" if bounds else "")
+            lines.append(f"{key_value:<{COMMENT_COLUMN}}  # {kind} - {field_help(f)}")
     return "\n".join(lines)
