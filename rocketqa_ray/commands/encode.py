@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from rocketqa_ray.commands.args import add_config_args
+from rocketqa_ray.commands.args import add_config_args, check_out_dir
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from rocketqa_ray.batch.encode import embeddings_info, encode_corpus
     from rocketqa_ray.config import load_config
 
+    check_out_dir(args.out, "--out")
     cfg = load_config(args.preset, args.config, args.overrides)
     # Ray starts only once the corpus has been validated (a bad row fails fast, without a cluster).
     out = encode_corpus(args.data, args.model, args.out, cfg.encode, kind=args.kind, overwrite=args.overwrite,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rocketqa_ray.commands.args import check_out_file, check_positive
 from rocketqa_ray.config import AutoBool
 from rocketqa_ray.errors import ConfigError, DataError
 
@@ -93,10 +94,9 @@ def run(args: argparse.Namespace) -> int:
     from rocketqa_ray.data.beir import load_beir, load_corpus, passage_text
     from rocketqa_ray.evaluation import full_report, run_from_arrays, write_trec_run
 
-    if args.k < 1:
-        raise ConfigError(f"--k must be at least 1, got {args.k}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_positive(args.k, "--k")
+    check_out_file(args.run_out, "--run-out")
+    check_positive(args.batch_size, "--batch-size")
     check_retriever(args.retriever)
     t0 = time.perf_counter()
     data = load_beir(args.data, splits=(args.split,), check_corpus=False)

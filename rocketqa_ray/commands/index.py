@@ -15,7 +15,7 @@ import json
 import typing
 from pathlib import Path
 
-from rocketqa_ray.commands.args import add_config_args
+from rocketqa_ray.commands.args import add_config_args, check_out_dir
 from rocketqa_ray.config import IndexKind
 
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from rocketqa_ray.index.build import build_index_from_embeddings
     from rocketqa_ray.io import read_json
 
+    check_out_dir(args.out, "--out")
     overrides = list(args.overrides) + ([f"index.kind={args.kind}"] if args.kind else [])
     cfg = load_config(args.preset, args.config, overrides)
     out = build_index_from_embeddings(args.embeddings, cfg.index, args.out)

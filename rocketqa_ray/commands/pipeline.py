@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rocketqa_ray.commands.args import add_config_args
+from rocketqa_ray.commands.args import add_config_args, check_out_dir
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from rocketqa_ray.config import load_config
     from rocketqa_ray.pipeline.runner import Pipeline
 
+    check_out_dir(args.out, "--out")
     overrides = list(args.overrides)
     if args.data:
         overrides.insert(0, f"data.path={args.data}")

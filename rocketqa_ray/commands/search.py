@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 
-from rocketqa_ray.commands.args import add_config_args
+from rocketqa_ray.commands.args import add_config_args, check_out_file, check_positive
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from rocketqa_ray.modeling.base import model_fingerprint
     from rocketqa_ray.retrieval.dense import retrieve, to_run, write_run_parquet, write_trec
 
+    check_positive(args.k, "--k")  # before the model loads, not 20 s later
+    check_out_file(args.out, "--out")
+    check_out_file(args.parquet, "--parquet")
     cfg = load_config(args.preset, args.config, args.overrides)
     data = load_beir(args.data, splits=(args.split,), check_corpus=False)
     qrels = data.split(args.split)

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from rocketqa_ray.commands.args import add_config_args
+from rocketqa_ray.commands.args import add_config_args, check_out_dir
 from rocketqa_ray.errors import ConfigError
 
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from rocketqa_ray.data.splits import split_questions
     from rocketqa_ray.train.launch import read_history, train_dual
 
+    check_out_dir(args.out, "--out")
     cfg = load_config(args.preset, args.config, args.overrides)
     out = Path(args.out)
     if args.init and not (Path(args.init) / "config.json").exists():

@@ -177,3 +177,24 @@ def test_bad_setting_is_one_line_through_both(command, args, tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines() == ["error: index.kind='lsh' is not one of: flat, ivfpq, hnsw, auto"]
     assert not (tmp_path / "x").exists()
+
+
+def test_output_paths_of_the_wrong_kind_are_one_line(tmp_path):
+    """An --out that is an existing file, a --run-out that is a folder, a bad --k: refused before any work."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me\n")
+    cases = [
+        ("pipeline", ["--preset", "tiny", "--out", str(a_file)], f"--out {a_file} is an existing file"),
+        ("encode", ["--model", "tiny", "--data", "data/squad-mini", "--out", str(a_file / "emb")],
+         f"{a_file} is a file, so no folder can be made under it"),
+        ("evaluate", ["--data", "data/squad-mini", "--retriever", "bm25", "--run-out", str(tmp_path)],
+         f"--run-out {tmp_path} is a folder"),
+        ("search", ["--model", "tiny", "--index", str(tmp_path), "--data", "data/squad-mini", "--out",
+                    str(tmp_path / "r.trec"), "--k", "0"], "--k must be at least 1, got 0"),
+    ]
+    for command, args, needle in cases:
+        r = run(entry_points(command)["job"], *args)
+        assert r.returncode == 2, (command, r.stderr[-2000:])
+        assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip().removeprefix('error: ')}"]
+        assert needle in r.stderr, (command, r.stderr)
+    assert a_file.read_text() == "keep me\n"  # nothing lost
