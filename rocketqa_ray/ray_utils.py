@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from rocketqa_ray.config import RayConfig
+from rocketqa_ray.console import attach_run_logs, run_logging_active
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +24,23 @@ WORKER_ENV = {
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
-    """Initialise Ray once.
-
-    Under `ray job submit` (RAY_ADDRESS set) or with `ray.address` configured this joins that cluster.
-    Otherwise it starts a *new* local cluster (address="local"), never attaching by accident to another
-    `ray start` head on the same machine.
-    """
+    """Initialise Ray once (`init_ray`); during a pipeline run, Ray's own loggers also go to its debug.log."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        init_ray(cfg)
+    if run_logging_active():
+        import ray.data  # configures its logger on import: attach after that
+
+        attach_run_logs("ray", "ray.data")
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Under `ray job submit` (RAY_ADDRESS set) or with `ray.address` configured, join that cluster.
+    Otherwise start a *new* local cluster (address="local"), never attaching by accident to another
+    `ray start` head on the same machine."""
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -41,10 +53,42 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         env = kwargs["runtime_env"]["env_vars"]
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        # Ray Train's PlacementGroupCleaner (a detached actor per training run) polls the State API once a second
+        # to see whether the train controller is alive. That API is served by the dashboard process: without it
+        # (include_dashboard=False) every poll failed and logged "Failed to query Ray Train Controller actor
+        # state"; and the cleaner finds the API by auto-detecting "the" local cluster, which fails outright
+        # ("Found multiple active Ray instances") when other Ray clusters run on the same machine. So the
+        # dashboard runs (include_dashboard=None: as Ray's default, a failure to start it is not fatal) on a
+        # port chosen here, and the workers are told where it is.
+        port = free_port()
+        host = "127.0.0.1"
+        env["RAY_API_SERVER_ADDRESS"] = f"http://{host}:{port}"
         # Logical CPUs above the physical count keep Ray Data actor pools and Train workers from waiting
         # on each other on small machines (they are mostly blocked in torch, which has its own threads).
-        ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=None, dashboard_host=host,
+                 dashboard_port=port, **kwargs)
     log.info("ray: %s", ray.cluster_resources())
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_scope() -> Iterator[None]:
+    """Shut Ray down at the end of the block if it was started inside it (and leave a Ray the caller had
+    started alone). Shutting down flushes what workers still stream to the driver (log_to_driver), so it
+    lands in the run's log files instead of on the terminal after the run has ended."""
+    was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    try:
+        yield
+    finally:
+        ray = sys.modules.get("ray")
+        if not was_up and ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 def torch_threads_for(cpus: float) -> int:

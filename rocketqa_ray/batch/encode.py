@@ -139,6 +139,7 @@ def encode_texts(texts: list[str], ids: list[str], model_dir: str | Path, cfg: E
     """
     import ray
 
+    from rocketqa_ray.console import Progress
     from rocketqa_ray.ray_utils import ensure_ray
 
     if len(texts) != len(ids):
@@ -160,13 +161,15 @@ def encode_texts(texts: list[str], ids: list[str], model_dir: str | Path, cfg: E
                         num_gpus=cfg.gpus_per_actor or None)
     out: np.ndarray | None = None
     seen = np.zeros(n, dtype=np.int32)
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        rows = batch["row"]
-        emb = np.asarray(batch["emb"], dtype=np.float32)
-        if out is None:
-            out = np.zeros((n, emb.shape[1]), dtype=np.float32)
-        out[rows] = emb
-        np.add.at(seen, rows, 1)
+    with Progress(f"encode {kind} texts", n, "rows") as progress:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            rows = batch["row"]
+            emb = np.asarray(batch["emb"], dtype=np.float32)
+            if out is None:
+                out = np.zeros((n, emb.shape[1]), dtype=np.float32)
+            out[rows] = emb
+            np.add.at(seen, rows, 1)
+            progress.advance(len(rows))
     if out is None or not np.all(seen == 1):
         raise RuntimeError(f"encode_texts: {int(np.sum(seen == 0))} rows missing, {int(np.sum(seen > 1))} duplicated")
     return out

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rocketqa_ray.config import EncodeConfig, RayConfig
+from rocketqa_ray.console import Progress
 from rocketqa_ray.errors import ConfigError, DataError, user_error
 from rocketqa_ray.io import atomic_path, read_json, write_json
 
@@ -268,8 +269,12 @@ def run_shards(plan: ShardPlan, fn_cls: type, fn_kwargs: dict, cfg: EncodeConfig
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )
+    # "encode md0/embeddings": which of a run's several encoding (or scoring) jobs this is
+    where = plan.out_dir.resolve()
+    progress = Progress(f"{label} {where.parent.name}/{where.name}", sum(t.stop - t.start for t in plan.todo), "rows")
     try:
         for row in ds.iter_rows():
+            progress.advance(int(row["rows"]))
             stats["computed_shards"].append(int(row["shard"]))
             stats["computed_rows"] += int(row["rows"])
             stats["busy_seconds"] += float(row["seconds"])
@@ -281,6 +286,8 @@ def run_shards(plan: ShardPlan, fn_cls: type, fn_kwargs: dict, cfg: EncodeConfig
         if user is not None:
             raise type(user)(str(user)) from None
         raise
+    finally:
+        progress.close()
     stats["computed_shards"].sort()
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     stats["busy_seconds"] = round(stats["busy_seconds"], 3)

@@ -9,7 +9,6 @@ Rerunning with the same --out resumes after the last completed stage.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rocketqa_ray.commands.args import add_config_args, check_out_dir
@@ -37,6 +36,18 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("pipeline.ablations=true")
     cfg = load_config(args.preset, args.config, overrides)
     report = Pipeline(cfg, args.out, preset=args.preset).run()
-    print(json.dumps(report["stages"], indent=1))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(summary_table(report["stages"]))
+    print(f"report: {Path(args.out) / 'report.md'} (all figures: report.json; logs: {Path(args.out) / 'logs'})")
     return 0
+
+
+def summary_table(stages: dict[str, dict[str, float]]) -> str:
+    """One line per stage with its test metrics, aligned: what a person reads at the end of a run."""
+    metrics = [m for m in ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20")
+               if any(m in v for v in stages.values())]
+    width = max([len(s) for s in stages] + [5])
+    lines = [f"{'stage':<{width}}  " + "  ".join(f"{m:>{max(6, len(m))}}" for m in metrics)]
+    for name, values in stages.items():
+        cells = [f"{values[m]:>{max(6, len(m))}.3f}" if m in values else " " * max(6, len(m)) for m in metrics]
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)

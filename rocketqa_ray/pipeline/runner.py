@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
 from rocketqa_ray.config import Config, stable_sections
+from rocketqa_ray.console import run_logging, say
 from rocketqa_ray.errors import StageConfigChanged
 from rocketqa_ray.io import read_json, write_json
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import Stage, StageResult, stage_names, stages
-
-log = logging.getLogger(__name__)
+from rocketqa_ray.ray_utils import ray_scope
 
 COMPLETE = "_COMPLETE.json"
 
@@ -62,34 +61,38 @@ class Pipeline:
                     f"stage '{name}' in {d} was completed with a different config ({diff(done.get('fingerprint', {}), fp)}); "
                     f"use a new --out directory, or delete {d} (and the stages after it) to redo it"
                 )
-            log.info("stage %s: already complete, skipping (%.0f s before)", name, done.get("seconds", 0))
+            say("stage %s: already complete, skipping (%.0f s before)", name, done.get("seconds", 0))
             res = StageResult(done.get("metrics", {}), done.get("stats", {}), done.get("seconds", 0.0))
         else:
-            log.info("stage %s: starting", name)
+            say("stage %s: starting", name)
             t0 = time.time()
             d.mkdir(parents=True, exist_ok=True)
             res = st.run(self.ctx, self.cfg, d)
             res.seconds = round(time.time() - t0, 1)
             write_json(marker, {"stage": name, "digest": digest, "fingerprint": fp, "metrics": res.metrics,
                                 "stats": res.stats, "seconds": res.seconds})
-            log.info("stage %s: done in %.0f s %s", name, res.seconds, json.dumps(res.metrics))
+            say("stage %s: done in %.0f s %s", name, res.seconds, json.dumps(res.metrics))
         self._digests[name] = digest
         self.results[name] = res
         return res
 
     def run(self, names: list[str] | None = None) -> dict:
+        """Run the stages; while they run, Ray's and the libraries' output goes to RUN_DIR/logs/ and the
+        terminal shows the stage lines and progress (`console.run_logging`). A Ray cluster started by the run
+        is shut down at its end."""
         names = list(names or self.cfg.pipeline.stages)
         if self.cfg.pipeline.ablations:
             names += [a for a in stage_names(ablations=True) if a not in names]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        saved = self.cfg.to_dict()
-        saved["data"]["path"] = str(Path(self.cfg.data.path).resolve())
-        write_json(self.run_dir / "config.json", saved)
-        order = list(self._stages)
-        for name in sorted(names, key=order.index):
-            self.run_stage(name)
-            self.write_report()
-        return self.write_report()
+        with run_logging(self.run_dir), ray_scope():
+            saved = self.cfg.to_dict()
+            saved["data"]["path"] = str(Path(self.cfg.data.path).resolve())
+            write_json(self.run_dir / "config.json", saved)
+            order = list(self._stages)
+            for name in sorted(names, key=order.index):
+                self.run_stage(name)
+                self.write_report()
+            return self.write_report()
 
     def write_report(self) -> dict:
         from rocketqa_ray.pipeline.report import write_reports

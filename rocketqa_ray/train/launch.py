@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from rocketqa_ray.config import Config, stable_sections
+from rocketqa_ray.console import follow_progress
 from rocketqa_ray.data.examples import check_examples, parquet_files
 from rocketqa_ray.errors import ConfigError, DataError, user_error
 from rocketqa_ray.io import atomic_dir, read_json, write_json
 from rocketqa_ray.modeling.base import model_fingerprint
-from rocketqa_ray.train.loop import HISTORY_FILE, StepHook, worker_loop
+from rocketqa_ray.train.loop import HISTORY_FILE, PROGRESS_FILE, StepHook, worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
         "task": kind, "cfg": cfg.to_dict(), "init_model": str(init_model) if init_model else None, "name": name,
         "rows": info["rows"], "steps_per_epoch": steps_per_epoch, "total_steps": total,
         "num_negatives": num_negatives, "step_hook": step_hook,
+        # out_dir is Ray Train's storage path, so the workers can reach it (shared storage on a cluster)
+        "progress_file": str(out_dir / PROGRESS_FILE),
     }
     log.info("%s: %d examples, %d workers x batch %d, %d steps (%d per epoch)%s", name, info["rows"], workers,
              tcfg.batch_size, total, steps_per_epoch,
@@ -117,8 +120,10 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     t0 = time.time()
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # a previous attempt's last step is not this one's
     try:
-        result = trainer.fit()
+        with follow_progress(out_dir / PROGRESS_FILE, f"{name} training", "steps"):
+            result = trainer.fit()
     except Exception as e:
         user = user_error(e)
         if user is None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from rocketqa_ray.config import config_from_dict
-from rocketqa_ray.console import quiet_libraries
+from rocketqa_ray.console import fmt_duration, quiet_libraries, write_progress
 from rocketqa_ray.distributed import allreduce_grads, sync_log
 from rocketqa_ray.io import write_json
 from rocketqa_ray.modeling.base import use_bf16
@@ -43,6 +43,9 @@ STATE_FILE = "state.pt"
 # apart (log lines and history.json still get every `log_every` step).
 REPORT_MIN_INTERVAL_S = 10.0
 HISTORY_FILE = "history.json"
+# Rank 0 publishes its step here for the driver's progress line (`console.follow_progress`), at most this often.
+PROGRESS_FILE = "train_progress.json"
+PROGRESS_WRITE_INTERVAL_S = 2.0
 StepHook = Callable[[int, int], None]  # (world rank, finished step) -> None; tests inject faults with it
 
 
@@ -60,11 +63,6 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-
-def fmt_duration(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 # ------------------------------------------------------------------------------------ the worker loop
@@ -92,6 +90,7 @@ def worker_loop(config: dict) -> None:
     tcfg = task.tcfg
     name, total, steps_per_epoch = config["name"], config["total_steps"], config["steps_per_epoch"]
     hook: StepHook | None = config.get("step_hook")
+    progress_file: str | None = config.get("progress_file")
 
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
@@ -146,7 +145,8 @@ def worker_loop(config: dict) -> None:
     epoch, skip = divmod(step, steps_per_epoch)
     t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
     cpu_last = time.process_time()
-    t_report = -math.inf
+    t_report = t_progress = -math.inf
+    last_loss: float | None = None
     t_start = time.perf_counter()
     while step < total:
         batches = shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
@@ -194,6 +194,7 @@ def worker_loop(config: dict) -> None:
                     "cpu_ms": round(1000 * (time.process_time() - cpu_last) / max(step - step_last, 1), 1),
                 }
                 history.append(metrics)
+                last_loss = metrics["loss"]
                 if rank == 0:
                     log.info("%s step %d/%d epoch %.2f loss %.4f lr %.2e %.1f seq/s eta %s", name, step, total,
                              metrics["epoch"], metrics["loss"], metrics["lr"], metrics["seq_per_s"],
@@ -206,6 +207,13 @@ def worker_loop(config: dict) -> None:
             elif step == start_step + 1:
                 # throughput without the first step's warm-up
                 t_last, step_last, cpu_last = time.perf_counter(), step, time.process_time()
+            due_progress = step == total or time.perf_counter() - t_progress >= PROGRESS_WRITE_INTERVAL_S
+            if rank == 0 and progress_file and due_progress:
+                t_progress = time.perf_counter()
+                try:
+                    write_progress(progress_file, step, total, **({} if last_loss is None else {"loss": last_loss}))
+                except OSError as e:  # the progress line is a convenience; training goes on without it
+                    log.debug("progress file %s: %s", progress_file, e)
             if hook is not None:
                 hook(rank, step)
             t_fetch = time.perf_counter()

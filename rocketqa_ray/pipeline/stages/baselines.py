@@ -11,7 +11,7 @@ from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import dense_eval, evaluate, heldout_eval
 
 
-@stage("bm25", sections=("data", "bm25"), label="BM25 (reference)", paper_mrr10=18.7)
+@stage("bm25", sections=("data", "bm25", "eval"), label="BM25 (reference)", paper_mrr10=18.7)
 def bm25(ctx: Context, cfg: Config, d: Path) -> StageResult:
     r = ctx.bm25
     qids = ctx.splits.test

@@ -20,7 +20,8 @@ from rocketqa_ray.pipeline.shared import (
 )
 from rocketqa_ray.rocketqa.negatives import exclude_gold
 
-SECTIONS = ("data", "model", "dual", "index", "eval")
+# mining: md0 writes its top mining.top_k for the training questions (steps 2 and 3 read them)
+SECTIONS = ("data", "model", "dual", "index", "eval", "mining")
 
 
 def train_md0(ctx: Context, cfg: Config, d: Path, mine: bool) -> StageResult:

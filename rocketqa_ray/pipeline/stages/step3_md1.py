@@ -22,7 +22,8 @@ from rocketqa_ray.rocketqa.denoise import answer_rates, denoise
 from rocketqa_ray.rocketqa.negatives import exclude_gold
 from rocketqa_ray.types import RankedIds
 
-SECTIONS = ("data", "model", "dual", "mining", "index", "eval")
+# bm25: mining.bm25_negatives joins BM25's top passages to the pool
+SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25")
 POOL = "hard_negative_pool.json"
 
 

@@ -1,0 +1,85 @@
+"""The console of a whole pipeline run (tiny preset, for real, in a subprocess as a user runs it): stage lines on
+the terminal, Ray's and the libraries' output in RUN_DIR/logs/, a bad input still one `error:` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("bm25", "zero_shot", "md0", "mc", "md1", "md2", "md2_rerank")
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _pipeline(out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out),
+                           *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("console") / "run"
+    return _pipeline(out), out
+
+
+def test_console_shows_stage_lines_and_little_else(tiny_run):
+    res, out = tiny_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    console = res.stderr.splitlines()
+    for stage in STAGES:
+        assert any(re.fullmatch(rf"\d\d:\d\d:\d\d stage {stage}: starting", ln) for ln in console), stage
+        done = [ln for ln in console if f"stage {stage}: done in " in ln]
+        assert len(done) == 1 and json.loads(done[0].split(" s ", 1)[1]) == json.loads(
+            (out / stage / "_COMPLETE.json").read_text())["metrics"]
+    # stage lines, the logs line, and at most a few progress lines (a part longer than 30 s on a busy machine)
+    assert len(console) <= 2 * len(STAGES) + 1 + 10, res.stderr
+    assert all(re.match(r"\d\d:\d\d:\d\d ", ln) for ln in console), res.stderr
+    assert len(console) + len(res.stdout.splitlines()) < 100
+    for noise in ("RayTrainWorker", "TrainController", "core_worker.cc", "TrainingReport", "PlacementGroupCleaner",
+                  "faiss", "streaming_executor", "bm25s", "Token authentication", "Warning"):
+        assert noise not in res.stderr + res.stdout, noise
+
+
+def test_logs_hold_rays_and_the_libraries_output(tiny_run):
+    res, out = tiny_run
+    console_log = (out / "logs" / "console.log").read_text()
+    debug_log = (out / "logs" / "debug.log").read_text()
+    # what the workers streamed to the driver, Ray's own lines, the libraries' lines
+    for line in ("(RayTrainWorker pid=", "Reporting training result", "md0 step 4/4", "Started a local Ray instance",
+                 "faiss.loader", "stage md2_rerank: done in"):
+        assert line in console_log, line
+    assert "\x1b[36m(" not in console_log  # no colour codes around worker prefixes in a file
+    assert "encode: shard 0 done" in debug_log and "DEBUG" in debug_log
+    assert "Starting execution of Dataset" in debug_log  # Ray Data's logger, which does not propagate
+    # Ray Train's PlacementGroupCleaner reached the State API (it did not when the dashboard was off)
+    for log_text in (console_log, debug_log):
+        assert "Failed to query Ray Train Controller" not in log_text
+        assert "Found multiple active Ray instances" not in log_text
+    # rank 0's progress file reached the driver's side with the last step
+    progress = json.loads((out / "md0" / "train_progress.json").read_text())
+    assert progress["done"] == progress["total"] == 4 and "loss" in progress["postfix"]
+
+
+def test_a_bad_input_is_one_error_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = _pipeline(tmp_path / "run", "--data", str(empty), timeout=300)
+    assert res.returncode == 2
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [res.stderr.splitlines()[-1]] and "no corpus found" in errors[0]
+    assert "Traceback" not in res.stderr
+    assert "Traceback" in (tmp_path / "run" / "logs" / "debug.log").read_text()

@@ -1,0 +1,524 @@
+"""Every pipeline stage on its own, called through the registry with the tiny model on a small BEIR subset of
+squad-mini, for real (one shared local Ray cluster, Ray Train, Ray Data, FAISS); plus the registry and the runner's
+fingerprints. Upstream stages run once per module (`StageRunner`) and their folders are shared between tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rocketqa_ray.config import Config, load_config
+from rocketqa_ray.errors import ConfigError
+from rocketqa_ray.evaluation import read_trec_run
+from rocketqa_ray.io import read_json
+from rocketqa_ray.modeling.base import model_fingerprint, read_meta
+from rocketqa_ray.pipeline.context import Context
+from rocketqa_ray.pipeline.registry import StageResult, retriever_stages, stage_names, stages
+from rocketqa_ray.pipeline.runner import Pipeline
+from rocketqa_ray.types import RankedIds
+
+ROOT = Path(__file__).resolve().parents[2]
+MINI = ROOT / "data" / "squad-mini"
+N_TRAIN, N_TEST, N_PASSAGES = 140, 30, 300
+METRICS = {"mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20"}
+# The recipe's run (and report) order: each stage after the stages it reads.
+EXPECTED_ORDER = ["bm25", "zero_shot", "md0", "md0_inbatch", "mc", "md1", "md1_undenoised", "md2", "md2_rerank"]
+
+
+# ------------------------------------------------------------------------------------------ the small dataset
+def _qrels(path: Path) -> dict[str, dict[str, int]]:
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))[1:]
+    out: dict[str, dict[str, int]] = {}
+    for q, p, s in rows:
+        out.setdefault(q, {})[p] = int(s)
+    return out
+
+
+def write_small_beir(out: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, n_passages: int = N_PASSAGES) -> Path:
+    """A BEIR subset of squad-mini: the first `n_train` train and `n_test` test questions (by id: a few articles
+    each), their gold passages, then the other passages of the same articles (hard negatives), then any."""
+    corpus = [json.loads(line) for line in open(MINI / "corpus.jsonl", encoding="utf-8")]
+    by_id = {p["_id"]: p for p in corpus}
+    queries = {json.loads(line)["_id"]: json.loads(line) for line in open(MINI / "queries.jsonl", encoding="utf-8")}
+    splits = {"train": _qrels(MINI / "qrels" / "train.tsv"), "test": _qrels(MINI / "qrels" / "test.tsv")}
+    chosen_q = {"train": sorted(splits["train"])[:n_train], "test": sorted(splits["test"])[:n_test]}
+    chosen: dict[str, dict] = {}
+    for split, qids in chosen_q.items():
+        for q in qids:
+            for p in splits[split][q]:
+                chosen.setdefault(p, by_id[p])
+    titles = {p["title"] for p in chosen.values()}
+    for p in [p for p in corpus if p["title"] in titles] + corpus:
+        if len(chosen) >= n_passages:
+            break
+        chosen.setdefault(p["_id"], p)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qrels").mkdir(exist_ok=True)
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p) + "\n" for p in chosen.values())
+    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(queries[q]) + "\n" for qids in chosen_q.values() for q in qids)
+    for split, qids in chosen_q.items():
+        body = "".join(f"{q}\t{p}\t{s}\n" for q in qids for p, s in splits[split][q].items())
+        (out / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + body, encoding="utf-8")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ shared fixtures
+class StageRunner:
+    """Runs registered stages directly (`stages()[name].run(ctx, cfg, out_dir)`), each at most once per module,
+    upstream stages first; what they wrote stays in ctx.run_dir/<stage>/ for the tests that follow."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg = cfg
+        self.ctx = Context(cfg, run_dir)
+        self.results: dict[str, StageResult] = {}
+
+    def __call__(self, name: str) -> StageResult:
+        if name not in self.results:
+            st = stages()[name]
+            for dep in st.deps:
+                self(dep)
+            d = self.dir(name)
+            d.mkdir(parents=True, exist_ok=True)
+            res = st.run(self.ctx, self.cfg, d)
+            assert isinstance(res, StageResult)
+            self.results[name] = res
+        return self.results[name]
+
+    def dir(self, name: str) -> Path:
+        return self.ctx.stage_dir(name)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return write_small_beir(tmp_path_factory.mktemp("beir") / "squad-small")
+
+
+def _cfg(data: Path, *overrides: str) -> Config:
+    # Pseudo-label thresholds at 0: every step-4 question gets a positive from the untrained cross-encoder,
+    # so md2 always has pseudo-labelled rows to add.
+    return load_config("tiny", overrides=[f"data.path={data}", "mining.pseudo_pos_threshold=0.0",
+                                          "mining.pseudo_neg_threshold=0.0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def run(ray_session, small_data, tmp_path_factory) -> StageRunner:
+    return StageRunner(_cfg(small_data), tmp_path_factory.mktemp("run"))
+
+
+def _metrics_ok(metrics: dict) -> None:
+    assert set(metrics) == METRICS
+    for k, v in metrics.items():
+        assert 0.0 <= v <= 1.0, (k, v)
+
+
+def _ranked(path: Path) -> dict[str, list[str]]:
+    """A TREC run's passages per question, best first (the order `rerank_eval` reads them in)."""
+    return {q: [p for p, _ in sorted(v.items(), key=lambda x: -x[1])] for q, v in read_trec_run(path).items()}
+
+
+def _spec(d: Path) -> dict:
+    return read_json(d / "train_spec.json")
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _bm25_pool(run: StageRunner) -> RankedIds:
+    """md1's candidate pool, recomputed: md0's top `denoise_top` then BM25's negatives, deduplicated."""
+    from rocketqa_ray.pipeline.stages.step3_md1 import bm25_negatives
+
+    m, ctx = run.cfg.mining, run.ctx
+    top = read_json(run.dir("md0") / "train_top.json")
+    lexical = bm25_negatives(ctx, ctx.splits.train, m.bm25_negatives)
+    return {q: list(dict.fromkeys(top[q][: m.denoise_top] + lexical[q])) for q in ctx.splits.train}
+
+
+# ------------------------------------------------------------------------------------------ registry and runner
+def test_report_lists_stages_in_registry_order(small_data, tmp_path):
+    reg = stages()
+    assert set(reg) == set(EXPECTED_ORDER)
+    assert all(st.name == name for name, st in reg.items())
+    assert stage_names(ablations=True) == ["md0_inbatch", "md1_undenoised"]
+    assert retriever_stages() == ["md2", "md1", "md0", "zero_shot"]
+    # whatever order the stages finished in, the report (json and markdown) follows the registry
+    p = Pipeline(load_config("tiny", overrides=[f"data.path={small_data}"]), tmp_path / "run", preset="tiny")
+    for i, name in enumerate(reversed(EXPECTED_ORDER)):
+        p.results[name] = StageResult({"mrr@10": i / 10}, {"n": i}, float(i))
+    report = p.write_report()
+    assert list(report["stages"]) == list(report["stats"]) == list(reg)
+    md = (tmp_path / "run" / "report.md").read_text()
+    positions = [md.index(f"| {reg[s].label}") for s in reg]
+    assert positions == sorted(positions)
+    assert report["splits"] == {"train": N_TRAIN - round(0.3 * N_TRAIN), "pseudo": round(0.3 * N_TRAIN), "dev": 0,
+                                "test": N_TEST}
+
+
+def test_registry_order_is_run_order():
+    reg = stages()
+    for i, (name, st) in enumerate(reg.items()):
+        for dep in st.deps:
+            assert dep in reg and list(reg).index(dep) < i, f"{name} depends on {dep}, registered after it"
+    assert list(reg) == EXPECTED_ORDER
+
+
+# a change to every config section, and keys that never invalidate a stage
+SECTION_CHANGE = {
+    "data": "data.seed=7", "model": "model.temperature=0.07", "dual": "dual.lr=0.5", "cross": "cross.lr=0.5",
+    "mining": "mining.denoise_threshold=0.3", "bm25": "bm25.k1=1.5", "index": "index.nprobe=7",
+    "encode": "encode.batch_size=7", "ray": "ray.cpus_per_worker=0.25", "eval": "eval.depth=50",
+    "serve": "serve.port=9", "pipeline": "pipeline.ablations=true",
+}
+RUNTIME_CHANGES = ["dual.log_every=3", "dual.checkpoint_every=5", "dual.length_buckets=2", "cross.log_every=3",
+                   "cross.length_buckets=1"]
+
+
+@pytest.mark.parametrize("name", EXPECTED_ORDER)
+def test_stage_fingerprint_follows_the_sections_it_reads(name, small_data, tmp_path):
+    from dataclasses import fields
+
+    assert set(SECTION_CHANGE) == {f.name for f in fields(Config)}
+    st = stages()[name]
+    base = Pipeline(_cfg(small_data), tmp_path).stage_fingerprint(st)
+    assert set(base["config"]) == set(st.sections) | ({"variant"} if st.variant else set())
+    for section, change in SECTION_CHANGE.items():
+        fp = Pipeline(_cfg(small_data, change), tmp_path).stage_fingerprint(st)
+        assert (fp != base) == (section in st.sections), f"{name}: --set {change}"
+    for change in RUNTIME_CHANGES:
+        assert Pipeline(_cfg(small_data, change), tmp_path).stage_fingerprint(st) == base, f"{name}: {change}"
+    # upstream stages' digests are part of it
+    p = Pipeline(_cfg(small_data), tmp_path)
+    p._digests.update({d: "0123456789abcdef" for d in st.deps})
+    assert (p.stage_fingerprint(st) != base) == bool(st.deps)
+
+
+# (stage, a change to a section it reads without declaring it)
+UNDECLARED = [
+    pytest.param("bm25", "eval.depth=50", id="bm25-eval.depth"),  # search depth: recall@100
+    pytest.param("bm25", "eval.answer_k=5", id="bm25-eval.answer_k"),  # answer_acc@k
+    pytest.param("md0", "mining.top_k=20", id="md0-mining.top_k"),  # length of train_top.json
+    pytest.param("md0", "mining.seed=3", id="md0-mining.seed"),  # shuffles its training rows (dual_examples)
+    pytest.param("md0_inbatch", "mining.seed=3", id="md0_inbatch-mining.seed"),
+    pytest.param("md1_undenoised", "bm25.k1=1.5", id="md1_undenoised-bm25.k1"),  # its BM25 negatives (no mc dep)
+]
+
+
+@pytest.mark.parametrize("name,change", UNDECLARED)
+def test_stage_fingerprint_covers_what_it_reads(name, change, small_data, tmp_path):
+    st = stages()[name]
+    assert Pipeline(_cfg(small_data, change), tmp_path).stage_fingerprint(st) != \
+        Pipeline(_cfg(small_data), tmp_path).stage_fingerprint(st)
+
+
+def test_variants_share_code_but_not_fingerprints(small_data, tmp_path):
+    p = Pipeline(_cfg(small_data), tmp_path)
+    reg = stages()
+    assert reg["md0"].sections == reg["md0_inbatch"].sections
+    assert p.stage_fingerprint(reg["md0"]) != p.stage_fingerprint(reg["md0_inbatch"])
+    assert p.stage_fingerprint(reg["md0_inbatch"])["config"]["variant"] == "md0_inbatch"
+
+
+def test_validate_rejects_an_unknown_stage_listing_the_valid_ones(small_data):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=[f"data.path={small_data}", "pipeline.stages=bm25,md9"])
+    msg = str(e.value)
+    assert "'md9'" in msg and "bm25" not in msg.split("valid stages:")[0]
+    assert msg.split("valid stages:")[1].strip().split(", ") == stage_names(ablations=False)
+    # ablations run with pipeline.ablations, not by name
+    with pytest.raises(ConfigError, match="md0_inbatch"):
+        load_config("tiny", overrides=["pipeline.stages=md0_inbatch"])
+    assert load_config("tiny", overrides=["pipeline.stages=bm25,md2"]).pipeline.stages == ["bm25", "md2"]
+
+
+def test_small_dataset_splits(small_data):
+    ctx = Context(_cfg(small_data), small_data.parent / "unused")
+    s = ctx.splits
+    assert len(s.test) == N_TEST
+    assert len(s.train) + len(s.pseudo) == N_TRAIN and len(s.pseudo) == round(0.3 * N_TRAIN)
+    assert not set(s.train) & set(s.pseudo)
+    assert len(ctx.corpus) == N_PASSAGES
+    gold = {p for q in s.train + s.pseudo for p in ctx.train_qrels[q]} | {p for r in ctx.test_qrels.values() for p in r}
+    assert gold <= set(ctx.corpus)
+
+
+# ------------------------------------------------------------------------------------------ baselines
+def test_bm25(run):
+    res = run("bm25")
+    _metrics_ok(res.metrics)
+    b = run.cfg.bm25
+    assert res.stats == {"stemmed": b.stem, "k1": b.k1, "b": b.b}
+    assert (run.ctx.bm25.stemmer is not None) == b.stem and (run.ctx.bm25.model.k1, run.ctx.bm25.model.b) == (b.k1, b.b)
+    assert res.metrics["mrr@10"] > 0.5  # lexical matching works on SQuAD questions
+    trec = read_trec_run(run.dir("bm25") / "test.trec")
+    assert set(trec) == set(run.ctx.splits.test)
+    assert all(0 < len(v) <= run.cfg.eval.depth for v in trec.values())
+
+
+def test_bm25_stats_follow_its_config(small_data, tmp_path):
+    cfg = _cfg(small_data, "bm25.stem=false", "bm25.k1=1.2", "bm25.b=0.75")
+    ctx = Context(cfg, tmp_path)
+    res = stages()["bm25"].run(ctx, cfg, tmp_path)
+    assert res.stats == {"stemmed": False, "k1": 1.2, "b": 0.75}
+    _metrics_ok(res.metrics)
+    # ... and they are what the retriever was built with
+    assert ctx.bm25.stemmer is None and (ctx.bm25.model.k1, ctx.bm25.model.b) == (1.2, 0.75)
+
+
+def test_zero_shot(run, tmp_path):
+    from rocketqa_ray.index import DenseIndex
+    from rocketqa_ray.modeling.dual_encoder import DualEncoder
+
+    res = run("zero_shot")
+    d = run.dir("zero_shot")
+    _metrics_ok(res.metrics)
+    assert (d / "model" / "config.json").exists()
+    index = DenseIndex.load(d / "index", expect_fingerprint=model_fingerprint(d / "model"))
+    assert len(index) == N_PASSAGES
+    assert set(index.ids) == set(run.ctx.corpus)
+    # the untrained base model, as saved by DualEncoder.from_base
+    again = DualEncoder.from_base(run.cfg.model).save(tmp_path / "model")
+    assert model_fingerprint(again) == model_fingerprint(d / "model")
+    assert res.stats["heldout_questions"] == len(run.ctx.splits.pseudo)
+    assert 0.0 <= res.stats["heldout_mrr@10"] <= res.stats["heldout_recall@20"] <= 1.0  # one gold per question
+
+
+# ------------------------------------------------------------------------------------------ step 1
+def test_md0_mines_top_k_without_gold(run):
+    res = run("md0")
+    d, ctx, k = run.dir("md0"), run.ctx, run.cfg.mining.top_k
+    _metrics_ok(res.metrics)
+    top = read_json(d / "train_top.json")
+    assert set(top) == set(ctx.splits.train)
+    for q, pids in top.items():
+        assert len(pids) == k and len(set(pids)) == k
+        assert not set(pids) & set(ctx.train_qrels[q]), f"{q}: gold passage among its hard-negative candidates"
+        assert set(pids) <= set(ctx.corpus)
+    assert res.stats["train_questions"] == len(ctx.splits.train)
+    assert res.stats["cross_batch"] is True and res.stats["workers"] == run.cfg.ray.num_workers == 2
+    assert res.stats["negatives_per_query"] == run.cfg.dual.batch_size * 2 - 1
+    assert res.stats["heldout_questions"] == len(ctx.splits.pseudo)
+    spec = _spec(d)
+    assert spec["init_model"] is None and spec["config"]["dual"]["cross_batch"] is True
+    assert spec["config"]["dual"]["max_steps"] == run.cfg.dual.max_steps
+    assert len(_parquet_rows(d / "train_examples.parquet")) == len(ctx.splits.train)
+    run("zero_shot")
+    assert model_fingerprint(d / "model") != model_fingerprint(run.dir("zero_shot") / "model")  # it trained
+
+
+def test_md0_inbatch(run):
+    res = run("md0_inbatch")
+    d = run.dir("md0_inbatch")
+    _metrics_ok(res.metrics)
+    assert res.stats["cross_batch"] is False
+    assert res.stats["negatives_per_query"] == run.cfg.dual.batch_size - 1
+    assert _spec(d)["config"]["dual"]["cross_batch"] is False
+    assert not (d / "train_top.json").exists()  # only md0 mines
+    assert (d / "index" / "meta.json").exists()
+    # same rows and seed as md0: only the negatives seen in the loss differ, so the weights do
+    run("md0")
+    assert model_fingerprint(d / "model") != model_fingerprint(run.dir("md0") / "model")
+
+
+# ------------------------------------------------------------------------------------------ step 2
+def _calibration_data(run: StageRunner) -> tuple[np.ndarray, np.ndarray]:
+    """mc's held-out calibration pairs: the raw (uncalibrated) cross-encoder's logits and the labels."""
+    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.retrieval.fusion import logits_from_probs
+
+    raw = load_scores(run.dir("mc") / "calib_scores")
+    pairs = sorted(raw)
+    labels = np.array([1.0 if p in run.ctx.train_qrels[q] else 0.0 for q, p in pairs])
+    return logits_from_probs(np.array([raw[x] for x in pairs])), labels
+
+
+def _bce(logits: np.ndarray, labels: np.ndarray, a: float, b: float) -> float:
+    p = np.clip(1 / (1 + np.exp(-(a * logits + b))), 1e-12, 1 - 1e-12)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def test_mc_calibrates_fuses_and_reranks_md0(run):
+    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
+    from rocketqa_ray.retrieval.fusion import logits_from_probs
+    from rocketqa_ray.rocketqa.calibration import head_layer
+
+    res = run("mc")
+    d, ctx, cfg = run.dir("mc"), run.ctx, run.cfg
+    _metrics_ok(res.metrics)
+    s = res.stats
+    n_calib = round(cfg.cross.calibration_fraction * len(ctx.splits.train))
+    assert s["calibrated"] is True and s["calib_questions"] == n_calib
+    assert s["train_questions"] == len(ctx.splits.train) - n_calib
+    assert len(_parquet_rows(d / "train_examples.parquet")) == s["train_questions"]
+    assert s["calib_pairs"] == n_calib * (1 + cfg.cross.num_negatives)
+    assert 0.0 <= s["calib_top1_acc"] <= 1.0
+    # the calibration stats are those of sigmoid(a * raw logit + b) on the held-out pairs, and (a, b) fit them
+    logits, labels = _calibration_data(run)
+    assert len(labels) == s["calib_pairs"] and labels.sum() == n_calib
+    a, b = s["platt_a"], s["platt_b"]
+    p = 1 / (1 + np.exp(-(a * logits + b)))
+    assert p[labels == 1].mean() == pytest.approx(s["calib_mean_prob_pos"], abs=1e-3)
+    assert p[labels == 0].mean() == pytest.approx(s["calib_mean_prob_neg"], abs=1e-3)
+    assert p.mean() == pytest.approx(labels.mean(), abs=2e-3)  # a logistic fit with a bias matches the base rate
+    base_rate = labels.mean()
+    assert _bce(logits, labels, a, b) <= _bce(logits, labels, 0.0, math.log(base_rate / (1 - base_rate))) + 1e-6
+    # Platt scaling is folded into the saved head: logit' = a * logit + b
+    raw_head = head_layer(CrossEncoder.load(d / "train" / "model").model)
+    head = head_layer(CrossEncoder.load(d / "model").model)
+    raw_w = raw_head.weight.detach().numpy()
+    np.testing.assert_allclose(head.weight.detach().numpy(), a * raw_w, rtol=0, atol=5e-5 * np.abs(raw_w).max() + 1e-7)
+    raw_b = float(raw_head.bias)
+    assert float(head.bias) == pytest.approx(a * raw_b + b, abs=6e-5 + 5e-5 * abs(raw_b))
+    # ... so the saved model scores sigmoid(a * logit(raw score) + b) (a, b rounded to 4 decimals in the stats)
+    raw = load_scores(d / "calib_scores")
+    pairs = sorted(raw)[:8]
+    calibrated = CrossEncoder.load(d / "model").score([ctx.qtext(q) for q, _ in pairs],
+                                                      [ctx.ptext(p) for _, p in pairs], bf16="false", device="cpu")
+    raw_logits = logits_from_probs(np.array([raw[x] for x in pairs]))
+    expect = 1 / (1 + np.exp(-(a * raw_logits + b)))
+    # raw scores are stored as float32 probabilities: their logits carry ~1e-7 of rounding, which a multiplies
+    np.testing.assert_allclose(calibrated, expect,
+                               atol=0.25 * (5e-5 * (1 + np.abs(raw_logits).max()) + 1e-6 * abs(a)) + 1e-6)
+    # the fusion is stored with the model, where md2, md2_rerank and the service read it
+    meta = read_meta(d / "model")
+    assert set(meta["fusion"]) == {"ce", "dense", "bm25", "bias"}
+    assert all(math.isfinite(v) for v in meta["fusion"].values())
+    assert meta["fusion"]["bm25"] != 0.0  # cross.fusion_bm25
+    assert s["fusion"] == {k: round(v, 4) for k, v in meta["fusion"].items()}
+    assert meta["calibration"]["platt_a"] == a
+    assert read_json(d / "calibration.json") == meta["calibration"]
+    assert {"calib_top1_acc_dense", "calib_top1_acc_fused", "calib_top1_acc_bm25"} <= set(s)
+    # M_C reranks md0's test top-k: fused, with the cross-encoder alone alongside
+    assert s["scores"] == "fused" and s["fusion_features"] == "ce+dense+bm25"
+    assert s["reranked_depth"] == cfg.eval.rerank_top_k
+    assert all(0.0 <= s[k] <= 1.0 for k in ("ce_only_mrr@10", "ce_only_recall@5"))
+    _assert_reranks(run, "md0", "mc")
+
+
+def test_mc_platt_fit_is_the_maximum_likelihood(run):
+    from rocketqa_ray.retrieval.fusion import fit_logistic
+
+    s = run("mc").stats
+    logits, labels = _calibration_data(run)
+    # the same fit on standardised logits, mapped back
+    m, sd = logits.mean(), logits.std()
+    w, b = fit_logistic(((logits - m) / sd)[:, None], labels)
+    best = _bce(logits, labels, w[0] / sd, b - w[0] * m / sd)
+    assert _bce(logits, labels, s["platt_a"], s["platt_b"]) <= best + 1e-5
+    assert s["calib_mean_prob_pos"] > s["calib_mean_prob_neg"]
+
+
+def _assert_reranks(run: StageRunner, stage: str, reranker: str) -> None:
+    """`reranker`'s test run is `stage`'s with only the top `eval.rerank_top_k` reordered."""
+    top = run.cfg.eval.rerank_top_k
+    before, after = _ranked(run.dir(stage) / "test.trec"), _ranked(run.dir(reranker) / "test.trec")
+    assert set(before) == set(after) == set(run.ctx.splits.test)
+    for q in before:
+        assert set(after[q][:top]) == set(before[q][:top])
+        assert after[q][top:] == before[q][top:]
+    assert run.results[reranker].metrics["recall@100"] == run.results[stage].metrics["recall@100"]
+    assert run.results[reranker].stats["pairs_scored"] == sum(min(top, len(v)) for v in before.values())
+
+
+# ------------------------------------------------------------------------------------------ step 3
+def test_md1_denoised_pool(run):
+    from rocketqa_ray.batch.score import load_scores
+
+    res = run("md1")
+    d, ctx, m = run.dir("md1"), run.ctx, run.cfg.mining
+    _metrics_ok(res.metrics)
+    pool = read_json(d / "hard_negative_pool.json")
+    cands = _bm25_pool(run)
+    md0_top = read_json(run.dir("md0") / "train_top.json")
+    assert set(pool) == set(ctx.splits.train)
+    for q, pids in pool.items():
+        assert set(pids) <= set(cands[q])  # md0's candidates plus BM25's negatives, nothing else
+        assert not set(pids) & set(ctx.train_qrels[q])
+    assert any(set(c) - set(md0_top[q]) for q, c in cands.items())  # BM25 added passages md0 did not rank
+    s = res.stats
+    n_cands = sum(map(len, cands.values()))
+    assert s["kept"] + s["dropped"] == s["scored"] == n_cands
+    assert s["kept"] == sum(map(len, pool.values()))
+    assert s["questions"] == len(ctx.splits.train)
+    assert s["threshold"] == m.denoise_threshold and s["top"] == m.denoise_top + m.bm25_negatives
+    assert s["pool_per_question"] == round(n_cands / len(cands), 2)
+    assert s["kept_checked"] + s["dropped_checked"] == s["scored"]
+    # kept = exactly the candidates the cross-encoder scored below the threshold
+    scores = load_scores(d / "denoise_scores")
+    assert set(scores) == {(q, p) for q, ps in cands.items() for p in ps}
+    for q, ps in cands.items():
+        assert pool[q] == [p for p in ps if scores[(q, p)] < m.denoise_threshold]
+    # trained on them, continuing from md0 (dual.init: previous)
+    rows = _parquet_rows(d / "train_examples.parquet")
+    assert s["train_questions"] == len(rows) == len(ctx.splits.train)
+    for r in rows:
+        assert len(r["negative_ids"]) == run.cfg.dual.num_hard_negatives
+        if pool[r["qid"]]:
+            assert set(r["negative_ids"]) <= set(pool[r["qid"]])
+    assert _spec(d)["init_model"] == model_fingerprint(run.dir("md0") / "model")
+    assert s["heldout_questions"] == len(ctx.splits.pseudo)
+
+
+def test_md1_undenoised_pool_is_all_candidates(run):
+    res = run("md1_undenoised")
+    d = run.dir("md1_undenoised")
+    _metrics_ok(res.metrics)
+    assert read_json(d / "hard_negative_pool.json") == _bm25_pool(run)
+    assert "kept" not in res.stats and "dropped" not in res.stats
+    assert not (d / "denoise_scores").exists() and "mc" not in stages()["md1_undenoised"].deps
+    assert _spec(d)["init_model"] == model_fingerprint(run.dir("md0") / "model")
+    rows = _parquet_rows(d / "train_examples.parquet")
+    pool = read_json(d / "hard_negative_pool.json")
+    assert all(set(r["negative_ids"]) <= set(pool[r["qid"]]) for r in rows)
+
+
+# ------------------------------------------------------------------------------------------ step 4
+def test_md2_adds_pseudo_labelled_questions(run):
+    from rocketqa_ray.batch.score import load_scores
+
+    res = run("md2")
+    d, ctx = run.dir("md2"), run.ctx
+    _metrics_ok(res.metrics)
+    s = res.stats
+    pseudo = ctx.splits.pseudo
+    assert s["labelled_questions"] == run.results["md1"].stats["train_questions"]
+    assert s["pseudo_questions"] == len(pseudo)
+    assert s["pseudo_labelled"] == len(pseudo) and s["pseudo_coverage"] == 1.0  # thresholds at 0
+    assert s["pseudo_pos_threshold"] == 0.0
+    assert 0.0 <= s["pseudo_precision"] <= 1.0 and 0.0 <= s["pseudo_gold_in_candidates"] <= 1.0
+    assert s["train_questions"] == s["labelled_questions"] + s["pseudo_labelled"] > s["labelled_questions"]
+    rows = _parquet_rows(d / "train_examples.parquet")
+    assert len(rows) == s["train_questions"]
+    md1_rows = _parquet_rows(run.dir("md1") / "train_examples.parquet")
+    assert sorted(r["qid"] for r in rows) == sorted([r["qid"] for r in md1_rows] + pseudo)
+    # a pseudo positive is one of md1's top `pseudo_top_k` for the question, scored by the cross-encoder
+    scores = load_scores(d / "pseudo_scores")
+    for r in rows:
+        if r["qid"] in pseudo:
+            assert (r["qid"], r["positive_id"]) in scores
+    assert len(scores) == len(pseudo) * run.cfg.mining.pseudo_top_k
+    assert _spec(d)["init_model"] == model_fingerprint(run.dir("md1") / "model")
+    assert (d / "index" / "meta.json").exists()
+
+
+def test_md2_rerank(run):
+    res = run("md2_rerank")
+    s = res.stats
+    _metrics_ok(res.metrics)
+    assert s["reranked_depth"] == run.cfg.eval.rerank_top_k
+    assert s["pairs_scored"] == run.cfg.eval.rerank_top_k * len(run.ctx.splits.test)
+    assert s["scores"] == "fused" and s["fusion_features"] == "ce+dense+bm25"
+    assert {"ce_only_mrr@10", "ce_only_recall@5"} <= set(s)
+    _assert_reranks(run, "md2", "md2_rerank")
+    assert not (run.dir("md2_rerank") / "model").exists()  # not a retriever
