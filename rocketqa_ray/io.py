@@ -69,3 +69,12 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, os.PathLike):
         return os.fspath(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json_if_valid(path: str | os.PathLike) -> Any | None:
+    """The JSON in `path`, or None when it is missing, empty or cut short (a marker written by a killed process
+    or truncated on disk means "not complete", never a traceback)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None

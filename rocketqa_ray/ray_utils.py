@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 from rocketqa_ray.config import RayConfig
 from rocketqa_ray.console import attach_run_logs, run_logging_active
@@ -83,12 +87,40 @@ def ray_scope() -> Iterator[None]:
     started alone). Shutting down flushes what workers still stream to the driver (log_to_driver), so it
     lands in the run's log files instead of on the terminal after the run has ended."""
     was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) would end the driver without running this block's cleanup, leaving the local cluster's
+        # processes behind; as an exception it unwinds like Ctrl-C. (SIGKILL cannot be caught: see the README.)
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         ray = sys.modules.get("ray")
-        if not was_up and ray is not None and ray.is_initialized():
-            ray.shutdown()
+        if not was_up and ray is not None:
+            # This run's local cluster is all ours, even when a signal came half-way through ray.init.
+            started = psutil.Process().children(recursive=True)
+            if ray.is_initialized():
+                ray.shutdown()
+            stop_leftovers(started)
+
+
+def stop_leftovers(procs: list, timeout: float = 10.0) -> None:
+    """Terminate, then kill, the processes of `procs` still running: ray.shutdown() leaves the raylet's
+    DashboardAgent and RuntimeEnvAgent behind for a while (or for good when the raylet died first)."""
+    alive = [p for p in procs if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, still = psutil.wait_procs(alive, timeout=timeout)
+    for p in still:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
 def torch_threads_for(cpus: float) -> int:

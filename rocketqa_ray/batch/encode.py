@@ -95,7 +95,13 @@ def encode_corpus(corpus_path: str | Path, model_dir: str | Path, out_dir: str |
     job = {"task": "encode", "kind": kind, "model_fingerprint": fp, "rows_per_shard": cfg.rows_per_shard}
 
     def rows() -> Iterator[dict]:
-        for p in iter_corpus(corpus):
+        # Ids only (not texts) are held, as load_beir does: an index with a duplicate id would return one passage
+        # under two rows; the distributed check for corpora past one driver's memory is the scale-out work's.
+        seen: set[str] = set()
+        for i, p in enumerate(iter_corpus(corpus)):
+            if p["_id"] in seen:
+                raise DataError(f"{corpus}: duplicate passage id {p['_id']!r} (passage #{i + 1}); ids must be unique")
+            seen.add(p["_id"])
             yield {"id": p["_id"], "text": passage_text(p["title"], p["text"])}
 
     def extra(plan) -> dict:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from rocketqa_ray.config import EncodeConfig, RayConfig
 from rocketqa_ray.console import Progress
 from rocketqa_ray.errors import ConfigError, DataError, user_error
-from rocketqa_ray.io import atomic_path, read_json, write_json
+from rocketqa_ray.io import atomic_path, read_json_if_valid, write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def prepare_dir(out_dir: str | Path, job: dict, overwrite: bool = False) -> Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job_path = out / JOB_FILE
-    if job_path.exists():
-        old = read_json(job_path)
+    old = read_json_if_valid(job_path)  # an empty or cut-short _job.json is as good as none: the parts carry digests
+    if old is not None:
         if old != job:
             if not overwrite:
                 diff = {k: (old.get(k), job.get(k)) for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)}
@@ -129,10 +129,8 @@ def source_stat(path: str | Path) -> dict:
 def completed(out_dir: str | Path, job: dict, source: dict | None) -> dict | None:
     """The _SUCCESS record if `out_dir` already holds this job's complete output for this exact source file."""
     out = Path(out_dir)
-    if source is None or not (out / SUCCESS_FILE).exists() or not (out / JOB_FILE).exists():
-        return None
-    done = read_json(out / SUCCESS_FILE)
-    if read_json(out / JOB_FILE) != job or done.get("source") != source:
+    done = read_json_if_valid(out / SUCCESS_FILE)  # missing, empty or cut short: not complete
+    if source is None or done is None or read_json_if_valid(out / JOB_FILE) != job or done.get("source") != source:
         return None
     if not all((out / part_name(i)).exists() for i in range(done["n_shards"])):
         return None
@@ -328,15 +326,17 @@ def run_job(rows: Callable[[], Iterable[dict]], out_dir: str | Path, job: dict, 
 def iter_parts(out_dir: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The complete output, part by part in row order; checks that no row is missing or duplicated."""
     out = Path(out_dir)
-    if not (out / SUCCESS_FILE).exists():
-        raise DataError(f"{out}: no complete output here (no {SUCCESS_FILE}); run the job (again) to finish it")
-    done = read_json(out / SUCCESS_FILE)
+    done = success_record(out)
     expected = 0
     for i in range(done["n_shards"]):
         path = out / part_name(i)
         if not path.exists():
             raise DataError(f"{out}: {path.name} is missing; rerun the job to recompute it")
-        table = pq.read_table(path, columns=None if columns is None else ["row", *(c for c in columns if c != "row")])
+        try:
+            table = pq.read_table(path, columns=None if columns is None else ["row", *(c for c in columns if c != "row")])
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:120]}): it was cut short or "
+                            "damaged; delete it and rerun the job, which recomputes the missing part") from None
         rows = table.column("row").to_numpy()
         if len(rows) and not np.array_equal(rows, np.arange(expected, expected + len(rows))):
             raise DataError(f"{path}: rows are not {expected}..{expected + len(rows) - 1}; the output is inconsistent, "
@@ -348,7 +348,10 @@ def iter_parts(out_dir: str | Path, columns: list[str] | None = None) -> Iterato
 
 
 def success_record(out_dir: str | Path) -> dict:
+    """The job's completion record; a DataError when it is missing, empty or damaged (the job did not finish)."""
     path = Path(out_dir) / SUCCESS_FILE
-    if not path.exists():
-        raise DataError(f"{out_dir}: no complete output here (no {SUCCESS_FILE}); run the job (again) to finish it")
-    return read_json(path)
+    done = read_json_if_valid(path)
+    if not isinstance(done, dict) or "n_shards" not in done or "n_rows" not in done:
+        what = "no" if not path.exists() else "an empty or damaged"
+        raise DataError(f"{out_dir}: no complete output here ({what} {SUCCESS_FILE}); run the job (again) to finish it")
+    return done

@@ -16,8 +16,15 @@ from pathlib import Path
 from rocketqa_ray.config import Config, stable_sections
 from rocketqa_ray.console import run_logging, say
 from rocketqa_ray.errors import StageConfigChanged
-from rocketqa_ray.io import read_json, write_json
+from rocketqa_ray.io import read_json_if_valid, write_json
 from rocketqa_ray.pipeline.context import Context
+from rocketqa_ray.pipeline.integrity import (
+    check_inputs,
+    check_outputs,
+    input_files,
+    input_record,
+    output_record,
+)
 from rocketqa_ray.pipeline.registry import Stage, StageResult, stage_names, stages
 from rocketqa_ray.ray_utils import ray_scope
 
@@ -34,11 +41,27 @@ class Pipeline:
         self.ctx = Context(cfg, self.run_dir)
         self.results: dict[str, StageResult] = {}
         self._digests: dict[str, str] = {}
+        self._inputs: dict[str, dict] | None = None
         self._stages = stages()
+
+    @property
+    def data_files(self) -> dict[str, Path]:
+        c = self.cfg.data
+        return input_files(c.path, (c.train_split, c.test_split), c.unlabeled_queries)
+
+    @property
+    def inputs(self) -> dict[str, dict]:
+        """What the dataset files are now (hashed once per run): every stage records it and checks it on resume."""
+        if self._inputs is None:
+            self._inputs = input_record(self.data_files)
+        return self._inputs
 
     def stage_fingerprint(self, st: Stage) -> dict:
         """What a completed stage must match to be reused: its config sections and its upstream stages' digests."""
         sections = stable_sections(self.cfg, *st.sections)
+        # Which data a stage read is checked by content (`integrity`), so the same data under another path
+        # spelling, or in the copy `ray job submit` unpacks, is not a changed config.
+        sections.get("data", {}).pop("path", None)
         if st.variant:
             sections["variant"] = st.name
         deps = {d: self._digests[d] for d in st.deps if d in self._digests}
@@ -54,13 +77,17 @@ class Pipeline:
         fp = self.stage_fingerprint(st)
         digest = hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
         marker = d / COMPLETE
-        if marker.exists():
-            done = read_json(marker)
+        done = read_json_if_valid(marker)
+        if done is None and marker.exists():
+            say("stage %s: its completion marker %s is empty or damaged; running the stage again", name, marker)
+        if done is not None:
             if done.get("digest") != digest:
                 raise StageConfigChanged(
                     f"stage '{name}' in {d} was completed with a different config ({diff(done.get('fingerprint', {}), fp)}); "
                     f"use a new --out directory, or delete {d} (and the stages after it) to redo it"
                 )
+            check_inputs(name, d, done.get("inputs", {}), self.inputs, self.data_files)
+            check_outputs(name, d, done.get("outputs", {}))
             say("stage %s: already complete, skipping (%.0f s before)", name, done.get("seconds", 0))
             res = StageResult(done.get("metrics", {}), done.get("stats", {}), done.get("seconds", 0.0))
         else:
@@ -70,7 +97,8 @@ class Pipeline:
             res = st.run(self.ctx, self.cfg, d)
             res.seconds = round(time.time() - t0, 1)
             write_json(marker, {"stage": name, "digest": digest, "fingerprint": fp, "metrics": res.metrics,
-                                "stats": res.stats, "seconds": res.seconds})
+                                "stats": res.stats, "seconds": res.seconds, "inputs": self.inputs,
+                                "outputs": output_record(d, skip={COMPLETE})})
             say("stage %s: done in %.0f s %s", name, res.seconds, json.dumps(res.metrics))
         self._digests[name] = digest
         self.results[name] = res

@@ -140,8 +140,19 @@ def test_parquet_corpus_and_damaged_output(ray_session, corpus200, model_a, enco
     assert ids == ids0 and len(list(out.glob("part-*.parquet"))) == 3
     np.testing.assert_allclose(emb, emb0, atol=1e-5)
     # A part rewritten with rows of another shard is caught when reading, not silently used.
+    shutil.copy(out / "part-00001.parquet", tmp_path / "part1.bak")
     shutil.copy(out / "part-00000.parquet", out / "part-00001.parquet")
     with pytest.raises(DataError, match="rows are not 90..179"):
+        load_embeddings(out)
+    # A part cut short (a disk filled up, a copy interrupted) is named, with what to do, not an ArrowInvalid.
+    shutil.copy(tmp_path / "part1.bak", out / "part-00001.parquet")
+    whole = (out / "part-00002.parquet").read_bytes()
+    (out / "part-00002.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"part-00002\.parquet is not a readable Parquet file .* delete it and rerun"):
+        list(iter_embeddings(out))
+    # An empty completion record means "not complete", for readers and for the job itself.
+    (out / "_SUCCESS.json").write_text("")
+    with pytest.raises(DataError, match="an empty or damaged _SUCCESS.json"):
         load_embeddings(out)
 
 
@@ -214,6 +225,15 @@ def test_passage_without_text_names_its_id(corpus200, model_a, tmp_path):
     with pytest.raises(DataError, match=rf"passage '{bad['_id']}' has no 'text'"):
         encode_corpus(tmp_path / "bad.jsonl", model_a, tmp_path / "out", CFG)
     assert not (tmp_path / "out" / "_SUCCESS.json").exists()
+
+
+def test_duplicate_passage_ids_are_refused(corpus200, model_a, tmp_path):
+    lines = corpus200.read_text(encoding="utf-8").splitlines()[:20]
+    lines.append(lines[3])
+    (tmp_path / "dup.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dup = json.loads(lines[3])["_id"]
+    with pytest.raises(DataError, match=rf"duplicate passage id '{dup}' \(passage #21\)"):
+        encode_corpus(tmp_path / "dup.jsonl", model_a, tmp_path / "out", CFG)
 
 
 def test_empty_corpus(model_a, tmp_path):
