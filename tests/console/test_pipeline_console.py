@@ -4,7 +4,6 @@ the terminal, Ray's and the libraries' output in RUN_DIR/logs/, a bad input stil
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,22 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from rocketqa_ray.testing.env import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("bm25", "zero_shot", "md0", "mc", "md1", "md2", "md2_rerank")
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
-               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def _pipeline(out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out),
-                           *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+                           *extra], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from rocketqa_ray.testing.env import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
-               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def _pipeline_cmd(out: Path, *extra: str) -> list[str]:
@@ -40,7 +34,7 @@ def test_full_pipeline_resumes_after_interruption(tmp_path):
     out = tmp_path / "run"
     log1 = open(tmp_path / "first.log", "w")
     # 1) start, and kill the whole process group once md1 is underway (md0 and mc complete)
-    proc = subprocess.Popen(_pipeline_cmd(out), cwd=ROOT, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_pipeline_cmd(out), cwd=ROOT, env=subprocess_env(), stdout=log1, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 600
     try:
@@ -59,7 +53,7 @@ def test_full_pipeline_resumes_after_interruption(tmp_path):
     assert "md2" not in done_before and "md2_rerank" not in done_before
 
     # 2) the same command resumes: completed stages are skipped, the rest runs to the end
-    res = subprocess.run(_pipeline_cmd(out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    res = subprocess.run(_pipeline_cmd(out), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     done_after = _complete(out)
     for stage, mtime in done_before.items():
@@ -81,14 +75,14 @@ def test_full_pipeline_resumes_after_interruption(tmp_path):
     assert CrossEncoder(str(out / "mc" / "model"), device="cpu").predict([("q", "p")]).shape == (1,)
 
     # 3) a changed config for a completed stage is reported, not silently mixed
-    res = subprocess.run(_pipeline_cmd(out, "--set", "dual.lr=0.5"), cwd=ROOT, env=_env(),
+    res = subprocess.run(_pipeline_cmd(out, "--set", "dual.lr=0.5"), cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "different config" in res.stderr and "dual.lr" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_pipeline_bad_config_is_one_line(tmp_path):
-    res = subprocess.run(_pipeline_cmd(tmp_path / "r", "--set", "dual.nope=1"), cwd=ROOT, env=_env(),
+    res = subprocess.run(_pipeline_cmd(tmp_path / "r", "--set", "dual.nope=1"), cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "unknown config key 'dual.nope'" in res.stderr and "valid keys" in res.stderr
