@@ -150,3 +150,17 @@ def test_atomic_dir_replaces_whole_folder(tmp_path):
         raise RuntimeError("crash")
     assert (target / "a.txt").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from rocketqa_ray.io import current_umask
+
+    write_json(tmp_path / "report.json", {"a": 1})
+    mode = stat.S_IMODE(os.stat(tmp_path / "report.json").st_mode)
+    assert mode == 0o666 & ~current_umask()  # not mkstemp's private 0600
+    with atomic_dir(tmp_path / "model") as d:
+        (d / "config.json").write_text("{}")
+    assert stat.S_IMODE(os.stat(tmp_path / "model").st_mode) == 0o777 & ~current_umask()  # not mkdtemp's 0700
