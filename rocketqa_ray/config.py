@@ -37,9 +37,9 @@ class DataConfig:
     path: str = setting("data/squad-mini", help="BEIR-layout dataset folder (corpus, queries, qrels/<split>.tsv)")
     train_split: str = setting("train", help="qrels split the models are trained on")
     test_split: str = setting("test", help="qrels split every stage is evaluated on")
-    dev_fraction: float = setting(0.0, ge=0, lt=1, help="fraction of training questions held out (labels kept) to choose "
-                                  "thresholds/epochs without the test split")
-    pseudo_fraction: float = setting(0.3, ge=0, lt=1, help="fraction of training questions whose labels are hidden: step 4's "
+    dev_fraction: float = setting(0.1, ge=0, lt=1, help="fraction of training questions held out (labels kept, never "
+                                  "trained on): each rerank's fusion is fit and checked on them (eval.rerank_check)")
+    pseudo_fraction: float = setting(0.2, ge=0, lt=1, help="fraction of training questions whose labels are hidden: step 4's "
                                      "unlabelled questions, unless unlabeled_queries names a file")
     unlabeled_queries: str | None = setting(None, help="file of questions without labels for step 4 "
                                             "(None = the pseudo_fraction hold-out)")
@@ -206,6 +206,11 @@ class EvalConfig:
     depth: int = setting(100, ge=1, help="passages retrieved per question")
     rerank_top_k: int = setting(20, ge=1, help="the cross-encoder reranks this many for md2_rerank and in the service")
     answer_k: int = setting(20, ge=1, help="answer accuracy@k: an answer string in the top answer_k passages")
+    rerank_check: bool = setting(True, help="fit each rerank's fusion on its own retriever's top-k for the held-out "
+                                 "dev questions (data.dev_fraction) and rerank by default only where that beats the "
+                                 "retriever alone there; off = always rerank, with step 2's fusion")
+    rerank_min_gain: float = setting(0.0, ge=-1, le=1, help="the rerank is the default only when its held-out dev "
+                                     "MRR@10 beats the retriever's by more than this")
 
 
 @dataclass

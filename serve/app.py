@@ -34,6 +34,7 @@ from rocketqa_ray.serving.api import (
     MAX_TOP_K,
     BadRequest,
     parse_search_request,
+    rerank_decision,
     search_response,
 )
 from rocketqa_ray.serving.artifacts import find_artifacts
@@ -213,11 +214,12 @@ class SearchIngress:
             return JSONResponse({"error": "service unavailable", "message": str(e)}, status_code=503,
                                 headers={"Retry-After": "2"})
 
-    async def _search(self, query: str, top_k: int, rerank: bool) -> dict[str, Any]:
+    async def _search(self, query: str, top_k: int, rerank: bool | None) -> dict[str, Any]:
+        do_rerank, message = rerank_decision(rerank, self.info["rerank_default"],
+                                             self.info["rerank_message"] if self.reranker is None else None)
         t0 = time.perf_counter()
         emb = await self._call("query encoder", lambda: self.encoder.encode.remote(query))
         t1 = time.perf_counter()
-        do_rerank = rerank and self.reranker is not None
         k = candidate_depth(top_k, do_rerank, self.rerank_top_k, (await self.index_info())["size"])
         hits = await self._call("retriever", lambda: self.retriever.search.remote(emb, k, query))
         t2 = time.perf_counter()
@@ -226,7 +228,6 @@ class SearchIngress:
             texts = rerank_texts(hits)
             scores = await self._call("reranker", lambda: self.reranker.rerank.remote(query, texts))
         t3 = time.perf_counter()
-        message = self.info["rerank_message"] if rerank and self.reranker is None else None
         return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message, self.info.get("fusion"))
 
 
@@ -309,7 +310,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     info = {
         "stage": arts.stage, "model": str(arts.model_dir), "model_fingerprint": fp,
         "reranker": str(arts.cross_dir) if arts.cross_dir else None, "rerank_message": arts.rerank_message,
-        "fusion": arts.fusion,
+        "fusion": arts.fusion, "rerank_default": arts.rerank_default, "rerank_reason": arts.rerank_reason,
         "batching": app_args.batching, "max_batch_size": scfg.max_batch_size, "rerank_top_k": scfg.rerank_top_k,
         "max_query_chars": scfg.max_query_chars, "max_top_k": MAX_TOP_K, "device": device,
     }

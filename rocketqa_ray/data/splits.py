@@ -59,8 +59,9 @@ def split_questions(data: BeirData, cfg: DataConfig) -> Splits:
     train = parts["rest"]
     if cfg.max_train_queries:
         train = train[: cfg.max_train_queries]
-        if "pseudo" in parts:
-            parts["pseudo"] = parts["pseudo"][: max(1, cfg.max_train_queries // 2)]
+        for held in ("pseudo", "dev"):  # held-out sets shrink with the training set
+            if held in parts:
+                parts[held] = parts[held][: max(1, cfg.max_train_queries // 2)]
     if not train:
         raise DataError("no labelled training questions left after holding out dev/pseudo fractions")
     unl = load_unlabeled(cfg.unlabeled_queries) if cfg.unlabeled_queries else {}

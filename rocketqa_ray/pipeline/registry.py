@@ -39,20 +39,22 @@ class Stage:
     variant: bool = False  # several stages share code and sections: the fingerprint records the name
     retriever: bool = False  # writes <stage>/model and <stage>/index: a dual encoder the service can serve
     paper_mrr10: float | None = None  # RocketQA's MS MARCO dev MRR@10 (x100) for this row, for context
+    reranks: str | None = None  # the retriever stage whose top-k this stage reranks (its fusion and verdict)
 
 
 _REGISTRY: dict[str, Stage] = {}
 
 
 def stage(name: str, *, deps: tuple[str, ...] = (), sections: tuple[str, ...], label: str, ablation: bool = False,
-          variant: bool = False, retriever: bool = False,
-          paper_mrr10: float | None = None) -> Callable[[StageFn], StageFn]:
+          variant: bool = False, retriever: bool = False, paper_mrr10: float | None = None,
+          reranks: str | None = None) -> Callable[[StageFn], StageFn]:
     """Register the decorated function as the stage `name` (in declaration order)."""
 
     def register(fn: StageFn) -> StageFn:
         if name in _REGISTRY:
             raise ValueError(f"stage {name!r} registered twice")
-        _REGISTRY[name] = Stage(name, fn, deps, sections, label, ablation, variant, retriever, paper_mrr10)
+        _REGISTRY[name] = Stage(name, fn, deps, sections, label, ablation, variant, retriever, paper_mrr10,
+                                 reranks)
         return fn
 
     return register
@@ -73,3 +75,8 @@ def stage_names(ablations: bool | None = None) -> list[str]:
 def retriever_stages() -> list[str]:
     """The recipe's dual-encoder stages, newest first (md2 > md1 > md0 > zero_shot): what the service serves."""
     return [s.name for s in reversed(stages().values()) if s.retriever and not s.ablation]
+
+
+def rerank_stage_for(retriever: str) -> str | None:
+    """The recipe's stage that reranks `retriever`'s top-k (None if none does)."""
+    return next((s.name for s in stages().values() if s.reranks == retriever and not s.ablation), None)

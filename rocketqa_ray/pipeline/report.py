@@ -67,7 +67,9 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
         label = st_def.label if st_def else s
         if s == "bm25" and stats.get(s, {}).get("stemmed"):
             label = label.replace("BM25", "BM25, stemmed")
-        if stats.get(s, {}).get("scores") == "fused":
+        if stats.get(s, {}).get("rerank_choice") == "retriever":
+            label += f" (not reranked: no better than {stats[s].get('retriever', 'the retriever')} on held-out dev)"
+        elif stats.get(s, {}).get("scores") == "fused":
             bm25 = "bm25" in stats[s].get("fusion_features", "")
             label += " (CE fused with the dense" + (" and BM25 scores)" if bm25 else " score)")
         lines.append(f"| {label} | " + " | ".join(cells)
@@ -78,10 +80,35 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
     for name, st in stats.items():
         if not st:
             continue
-        lines += [f"## {name}", "", "| statistic | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in st.items()]
+        lines += [f"## {name}", ""]
+        if "rerank_check" in st:
+            lines += rerank_section(st)
+        lines += ["| statistic | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in st.items() if k != "rerank_check"]
         lines.append("")
     return "\n".join(lines)
+
+
+def rerank_section(st: dict) -> list[str]:
+    """A rerank stage's three candidates for the answer - its retriever alone, the cross-encoder alone, the fused
+    rerank - on held-out dev and on test, and which one the stage (and the service, by default) answers with."""
+    dev, test = st["rerank_check"].get("dev", {}), st["rerank_check"].get("test", {})
+    retriever = st.get("retriever", "retriever")
+
+    def cell(v: float | None) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+    rows = [(f"{retriever} alone", "retriever_mrr@10", "retriever"), ("cross-encoder alone", "ce_mrr@10", "cross_encoder"),
+            (f"rerank ({dev.get('rerank_scores', st.get('scores', ''))})", "rerank_mrr@10", "rerank")]
+    n = dev.get("questions")
+    out = [f"Answer: **{'the rerank' if st.get('rerank_choice') == 'rerank' else retriever + ' alone'}**, because "
+           f"{st.get('rerank_reason', '')}.", "",
+           f"| ranking | held-out dev MRR@10{f' ({n} questions)' if n else ''} | test MRR@10 | test R@5 |",
+           "|---|---|---|---|"]
+    for label, dev_key, test_key in rows:
+        t = test.get(test_key, {})
+        out.append(f"| {label} | {cell(dev.get(dev_key))} | {cell(t.get('mrr@10'))} | {cell(t.get('recall@5'))} |")
+    return [*out, ""]
 
 
 def write_reports(report: dict, run_dir: str | Path) -> None:

@@ -153,26 +153,3 @@ def dense_scores(ctx: Context, stage: str, pairs: list[tuple[str, str]]) -> np.n
     qemb = dict(zip(qids, model.encode([ctx.qtext(q) for q in qids], "query", ctx.cfg.encode.batch_size,
                                        ctx.cfg.encode.bf16)))
     return np.array([float(qemb[q] @ emb[row[p]]) for q, p in pairs])
-
-
-def rerank_eval(ctx: Context, stage: str, d: Path) -> tuple[dict, dict]:
-    """Rerank `stage`'s test run (its top `eval.rerank_top_k`) with the cross-encoder - fused with the retriever
-    and BM25 scores when the run has a fusion - and evaluate; the cross-encoder alone is reported alongside."""
-    from rocketqa_ray.evaluation import evaluate_run, read_trec_run
-    from rocketqa_ray.retrieval.fusion import fuse_scores, rerank
-
-    run = read_trec_run(ctx.stage_dir(stage) / "test.trec")
-    ranked = {q: sorted(v.items(), key=lambda x: -x[1]) for q, v in run.items()}
-    top = ctx.cfg.eval.rerank_top_k
-    pairs = [(q, p) for q, items in ranked.items() for p, _ in items[:top]]
-    scores = ce_scores(ctx, pairs, d / "test_scores")
-    stats: dict = {"reranked_depth": top, "pairs_scored": len(pairs)}
-    fused = fusion(ctx)
-    if fused is not None:
-        # the cross-encoder alone, for comparison; the row in the report is the fused reranker
-        # (metrics only: the stage's test.trec and answer accuracy are the fused run's)
-        ce_only = evaluate_run(rerank(ranked, scores, top), ctx.test_qrels, ("mrr@10", "recall@5"))
-        stats.update({"scores": "fused", "fusion_features": "ce+dense+bm25" if fused.uses_bm25 else "ce+dense",
-                      **{f"ce_only_{k}": v for k, v in ce_only.items()}})
-        scores = fuse_scores(ranked, scores, fused, ctx.bm25_scores(pairs) if fused.uses_bm25 else None)
-    return evaluate(ctx, rerank(ranked, scores, top), d, d.name), stats

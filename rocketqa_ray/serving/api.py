@@ -23,7 +23,7 @@ class SearchRequest(BaseModel):
 
     query: str
     top_k: int = 10
-    rerank: bool = True
+    rerank: bool | None = None  # None: what held-out dev chose for the served retriever (`wants_rerank`)
 
     @field_validator("query")
     @classmethod
@@ -49,6 +49,16 @@ class SearchRequest(BaseModel):
         if not 1 <= v <= limit:
             raise ValueError(f"top_k must be between 1 and {limit} (got {show(v)})")
         return v
+
+
+def rerank_decision(requested: bool | None, default: bool, unavailable: str | None) -> tuple[bool, str | None]:
+    """(rerank this request?, a message for the response). A request that does not say `rerank` gets the run's
+    recorded choice (`RunArtifacts.rerank_default`: reranking only where it beat the retriever alone on held-out
+    dev); `unavailable` is why the service cannot rerank at all (None when it can), told unless the request
+    asked for no rerank."""
+    if unavailable is not None:
+        return False, None if requested is False else unavailable
+    return (default if requested is None else requested), None
 
 
 class BadRequest(Exception):

@@ -25,15 +25,34 @@ class RunArtifacts:
     index_dir: Path
     cross_dir: Path | None
     corpus_path: Path
+    rerank_check: dict | None = None  # the verdict and fusion fit for this retriever (`pipeline.reranking`)
 
     @property
     def fusion(self) -> dict | None:
-        """The cross-encoder's fusion weights (`retrieval.fusion.Fusion` as a dict), if it has them and the run's
-        config uses them."""
+        """The fusion weights (`retrieval.fusion.Fusion` as a dict) fit for the served retriever by its rerank
+        stage; for a run without one, the cross-encoder's own (step 2's), if the run's config uses them."""
         from rocketqa_ray.retrieval.fusion import load_fusion
 
+        if self.cross_dir is None:
+            return None
+        if self.rerank_check is not None:
+            return self.rerank_check.get("fusion")
         fusion = load_fusion(self.cross_dir, self.cfg.cross.fusion)
         return fusion.to_dict() if fusion is not None else None
+
+    @property
+    def rerank_default(self) -> bool:
+        """Whether a request that does not say `rerank` is reranked: what held-out dev showed for this retriever
+        (always, for a run that did not check)."""
+        return self.cross_dir is not None and bool((self.rerank_check or {}).get("rerank", True))
+
+    @property
+    def rerank_reason(self) -> str:
+        if self.cross_dir is None:
+            return "no cross-encoder"
+        if self.rerank_check is None:
+            return f"no rerank check for {self.stage} in this run: reranking by default"
+        return self.rerank_check.get("reason", "")
 
     @property
     def lexical(self) -> BM25Config | None:
@@ -72,7 +91,9 @@ def find_artifacts(run_dir: str | Path) -> RunArtifacts:
         cfg = config_from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as e:
         raise ServiceError(f"{cfg_path} is not valid JSON ({e.msg}); rerun the pipeline to rewrite it") from None
-    from rocketqa_ray.pipeline.registry import retriever_stages
+    from rocketqa_ray.io import read_json_if_valid
+    from rocketqa_ray.pipeline.registry import rerank_stage_for, retriever_stages
+    from rocketqa_ray.retrieval.rerank_check import RERANK_CHECK
 
     dual_stages = retriever_stages()
     stage = next((s for s in dual_stages
@@ -87,6 +108,11 @@ def find_artifacts(run_dir: str | Path) -> RunArtifacts:
         corpus_path = find_corpus(corpus_root)
     except RocketQAError as e:
         raise ServiceError(f"{cfg_path}: data.path points to an unusable dataset: {e}") from None
+    checker = rerank_stage_for(stage)
+    check = read_json_if_valid(run_dir / checker / RERANK_CHECK) if checker else None
+    if check is not None and check.get("retriever") != stage:
+        check = None
     return RunArtifacts(run_dir=run_dir, cfg=cfg, stage=stage, model_dir=run_dir / stage / "model",
                         index_dir=run_dir / stage / "index",
-                        cross_dir=cross if (cross / "config.json").exists() else None, corpus_path=corpus_path)
+                        cross_dir=cross if (cross / "config.json").exists() else None, corpus_path=corpus_path,
+                        rerank_check=check)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rocketqa_ray.config import ServeConfig
-from rocketqa_ray.serving.api import search_response
+from rocketqa_ray.serving.api import rerank_decision, search_response
 from rocketqa_ray.serving.artifacts import RunArtifacts, find_artifacts
 from rocketqa_ray.serving.components import (
     QueryEncoderCore,
@@ -42,15 +42,16 @@ class SearchService:
     def from_run_dir(cls, run_dir: str | Path, **kw: Any) -> SearchService:
         return cls(find_artifacts(run_dir), **kw)
 
-    def search(self, query: str, top_k: int = 10, rerank: bool = True) -> dict[str, Any]:
+    def search(self, query: str, top_k: int = 10, rerank: bool | None = None) -> dict[str, Any]:
+        """Top `top_k` passages for `query`; `rerank` None follows the run's recorded choice."""
+        do_rerank, message = rerank_decision(rerank, self.arts.rerank_default,
+                                             self.arts.rerank_message if self.reranker is None else None)
         t0 = time.perf_counter()
         emb = self.encoder.encode([query])
         t1 = time.perf_counter()
-        do_rerank = rerank and self.reranker is not None
         k = candidate_depth(top_k, do_rerank, self.serve_cfg.rerank_top_k, self.retriever.size)
         hits = self.retriever.search(emb, k, [query])[0]
         t2 = time.perf_counter()
         scores = self.reranker.score_many([(query, rerank_texts(hits))])[0] if do_rerank else None
         t3 = time.perf_counter()
-        message = self.arts.rerank_message if rerank and self.reranker is None else None
         return search_response(hits, top_k, scores, do_rerank, (t0, t1, t2, t3), message, self.fusion)

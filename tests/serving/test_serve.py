@@ -187,6 +187,47 @@ def test_in_process_service_without_cross_encoder_says_so(demo_run, tmp_path, qu
     assert [h["score"] for h in out["results"]] == [h["dense_score"] for h in out["results"]]
 
 
+CHECKED_FUSION = {"ce": 0.5, "dense": 4.0, "bm25": 0.0, "bias": 0.1}  # not the demo's step-2 fusion
+
+
+def record_choice(run: Path, rerank: bool, retriever: str = "md2") -> None:
+    """What the pipeline's md2_rerank stage records: the fusion fit for md2 and the held-out dev verdict."""
+    from rocketqa_ray.io import write_json
+
+    write_json(run / "md2_rerank" / "rerank_check.json",
+               {"retriever": retriever, "fusion": CHECKED_FUSION, "rerank": rerank,
+                "dev": {"questions": 30, "retriever_mrr@10": 0.5, "rerank_mrr@10": 0.6 if rerank else 0.4},
+                "reason": "on 30 held-out dev questions the rerank's MRR@10 ..."})
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_the_default_rerank_follows_the_runs_recorded_choice(demo_run, tmp_path, queries, recorded):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    record_choice(run, recorded)
+    arts = find_artifacts(run)
+    assert arts.rerank_default is recorded and arts.fusion == CHECKED_FUSION
+    svc = SearchService(arts)
+    assert svc.search(queries[0], top_k=5)["reranked"] is recorded
+    assert svc.search(queries[0], top_k=5, rerank=False)["reranked"] is False
+    asked = svc.search(queries[0], top_k=5, rerank=True)
+    assert asked["reranked"] is True and "message" not in asked
+    # reranked with the fusion fit for md2, not step 2's
+    assert_same_ranking(asked["results"], Offline(run).reranked(queries[0], 5), 5)
+    assert Offline(run).fusion == CHECKED_FUSION != Offline(demo_run).fusion
+
+
+def test_a_choice_recorded_for_another_retriever_is_ignored(demo_run, tmp_path):
+    from rocketqa_ray.testing.demo import DEMO_FUSION
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    record_choice(run, False, retriever="md1")
+    arts = find_artifacts(run)
+    assert arts.stage == "md2" and arts.rerank_default is True and arts.fusion == DEMO_FUSION
+    assert "no rerank check for md2" in arts.rerank_reason
+
+
 @pytest.mark.parametrize("body, status, needle", [
     (b'{"query": "', 400, "not valid JSON"),
     (b'{"query": "x", "top_k": 60}', 422, "between 1 and 50"),  # the index holds only 50 passages
@@ -232,6 +273,7 @@ def test_deploy_config_matches_the_app():
 def test_healthz(service):
     h = requests.get(f"{service}/healthz", timeout=10).json()
     assert h["status"] == "ok" and h["stage"] == "md2" and h["reranker"]
+    assert h["rerank_default"] is True and "no rerank check" in h["rerank_reason"]  # the demo run recorded none
     assert h["index"]["size"] == 200 and h["index"]["kind"] == "flat"
 
 
@@ -461,6 +503,30 @@ def test_killed_replica_is_replaced(service, queries, ray_session):
 
 
 @pytest.mark.slow
+def test_served_default_follows_the_recorded_choice(service, demo_run, tmp_path):
+    """Over HTTP: a run whose held-out dev showed the rerank no better answers unreranked unless asked."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    record_choice(run, False)
+    serve.run(build_app({"run_dir": str(run)}), name="checked", route_prefix="/checked")
+    try:
+        h = requests.get(f"{service}/checked/healthz", timeout=10).json()
+        assert h["rerank_default"] is False and h["rerank_reason"].startswith("on 30 held-out dev questions")
+        assert h["fusion"] == CHECKED_FUSION
+        q = demo_queries(run, 1)[0]
+        plain = requests.post(f"{service}/checked/search", json={"query": q, "top_k": 5}, timeout=30).json()
+        asked = requests.post(f"{service}/checked/search", json={"query": q, "top_k": 5, "rerank": True},
+                              timeout=30).json()
+        assert plain["reranked"] is False and asked["reranked"] is True
+        assert_same_ranking(asked["results"], Offline(run).reranked(q, 5), 5)
+    finally:
+        serve.delete("checked")
+
+
 def test_without_cross_encoder_and_batching_off(service, queries, tmp_path):
     """A second app on the same Serve instance: a 50-passage RUN_DIR without mc/ (rerank falls back to dense
     with a message; top_k is capped by the index size), batching=off (the unbatched code path gives the same

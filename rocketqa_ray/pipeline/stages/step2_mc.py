@@ -15,11 +15,11 @@ from rocketqa_ray.data.splits import holdout
 from rocketqa_ray.io import atomic_dir, read_json, write_json
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
+from rocketqa_ray.pipeline.reranking import rerank_eval
 from rocketqa_ray.pipeline.shared import (
     ce_scores,
     dense_scores,
     gold_positive,
-    rerank_eval,
     start_ray,
     train_top,
 )
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 CALIBRATION = "calibration.json"
 
 
-@stage("mc", deps=("md0",), sections=("data", "cross", "mining", "eval", "bm25"), label="M_C reranking M_D0 top-k")
+@stage("mc", deps=("md0",), sections=("data", "cross", "mining", "eval", "bm25"), label="M_C reranking M_D0 top-k",
+       reranks="md0")
 def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     from rocketqa_ray.data.examples import build_cross_examples, write_examples
     from rocketqa_ray.train.launch import train_cross
@@ -50,7 +51,7 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
         stats.update(calibrate(ctx, cfg, raw, parts["calib"], pos, negs, d))
     elif (d / CALIBRATION).exists():
         stats.update(read_json(d / CALIBRATION))
-    # M_C's quality: rerank M_D0's test top-k
+    # M_C's quality: rerank M_D0's test top-k (with a fusion fit for M_D0 on held-out dev)
     metrics, rerank_stats = rerank_eval(ctx, "md0", d)
     return StageResult(metrics, {**stats, **rerank_stats})
 
