@@ -28,6 +28,7 @@ DualInit = Literal["base", "previous"]
 CrossLoss = Literal["listwise", "bce", "listwise+bce"]
 IndexKind = Literal["flat", "ivfpq", "hnsw", "auto"]
 IndexRefine = Literal["none", "flat", "sq8"]
+CeFallback = Literal["fused", "skip"]
 
 
 @dataclass
@@ -72,6 +73,8 @@ class DualTrainConfig:
                               "num_workers")
     epochs: float = setting(1.0, gt=0, help="passes over the training examples (fractions allowed)")
     max_steps: int | None = setting(None, ge=1, help="stop after this many steps (None = epochs decide)")
+    min_steps: int = setting(0, ge=0, help="train at least this many steps, in more epochs when the data is small "
+                             "(scales with nothing: a floor for small data sets)")
     warmup_ratio: float = setting(0.1, ge=0, lt=1, help="fraction of the steps with a linear learning-rate warm-up")
     cross_batch: bool = setting(True, help="share passages across workers as negatives (RocketQA step 1); "
                                 "false = in-batch only")
@@ -90,6 +93,8 @@ class DualTrainConfig:
                              "previous dual encoder")
     continue_epochs: float | None = setting(None, gt=0, help="epochs for a stage that continues from the previous "
                                             "dual encoder (init: previous); None = epochs")
+    continue_min_steps: int | None = setting(None, ge=0, help="min_steps for a stage that continues from the "
+                                             "previous dual encoder; None = min_steps")
     seed: int = setting(0, help="seed of training: initialisation and example order")
 
 
@@ -108,10 +113,15 @@ class CrossConfig:
                                           "into probabilities (Platt scaling); 0 = raw sigmoid scores")
     fusion: bool = setting(True, help="fit a logistic fusion of the calibrated score with the retriever's score "
                            "on the held-out groups; reranking and pseudo-labels use it")
+    fallback: CeFallback = setting("fused", help="when the cross-encoder alone is no better than M_D0 on held-out "
+                                   "questions (pipeline/checks.py), steps 3 and 4 denoise and pseudo-label with the "
+                                   "fused score, or skip both")
     fusion_bm25: bool = setting(True, help="add the passage's BM25 score as a third fusion feature (exact term "
                                 "overlap; its weight is fit, near 0 where it does not help)")
     epochs: float = setting(1.0, gt=0, help="passes over the training groups (fractions allowed)")
     max_steps: int | None = setting(None, ge=1, help="stop after this many steps (None = epochs decide)")
+    min_steps: int = setting(0, ge=0, help="train at least this many steps, in more epochs when the data is small "
+                             "(a floor for small data sets)")
     warmup_ratio: float = setting(0.1, ge=0, lt=1, help="fraction of the steps with a linear learning-rate warm-up")
     num_negatives: int = setting(3, ge=1, help="negatives per positive, sampled from M_D0's top mining.top_k")
     length_buckets: int = setting(4, ge=1, help="forward pairs in this many length-sorted chunks (less padding); "
@@ -206,9 +216,8 @@ class EvalConfig:
     depth: int = setting(100, ge=1, help="passages retrieved per question")
     rerank_top_k: int = setting(20, ge=1, help="the cross-encoder reranks this many for md2_rerank and in the service")
     answer_k: int = setting(20, ge=1, help="answer accuracy@k: an answer string in the top answer_k passages")
-    rerank_check: bool = setting(True, help="fit each rerank's fusion on its own retriever's top-k for the held-out "
-                                 "dev questions (data.dev_fraction) and rerank by default only where that beats the "
-                                 "retriever alone there; off = always rerank, with step 2's fusion")
+    rerank_check: bool = setting(True, help="fit each rerank's fusion on its retriever's top-k for the dev questions "
+                                 "and rerank by default only where it beats the retriever there; off = step 2's fusion")
     rerank_min_gain: float = setting(0.0, ge=-1, le=1, help="the rerank is the default only when its held-out dev "
                                      "MRR@10 beats the retriever's by more than this")
 
@@ -240,6 +249,10 @@ class PipelineConfig:
 
     stages: list[str] = setting(factory=_default_stages, help="stages to run, in order (default: all)")
     ablations: bool = setting(False, help="also run in-batch md0, undenoised md1, un-augmented md2")
+    strict: bool = setting(False, help="stop the run when a trained model is no better than what it should improve "
+                           "on (held-out checks); off = say so and go on with the documented fallback")
+    budget_minutes: float | None = setting(None, gt=0, help="the wall time the preset is sized for; the report and "
+                                           "the console say by how much a run went over it")
 
 
 @dataclass
@@ -307,7 +320,7 @@ def validate(cfg: Config) -> None:
 
 
 # Keys that change how fast, not what, a stage or a training run computes: a run may resume with other values.
-RUNTIME_KEYS = ("log_every", "checkpoint_every", "length_buckets")
+RUNTIME_KEYS = ("log_every", "checkpoint_every", "length_buckets", "strict", "budget_minutes")
 
 
 def stable_sections(cfg: Config, *sections: str) -> dict[str, Any]:

@@ -19,6 +19,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", required=True, help="run directory (reused to resume)")
     ap.add_argument("--stages", default=None, help="comma-separated subset, e.g. bm25,zero_shot,md0")
     ap.add_argument("--ablations", action="store_true", help="also run the in-batch and undenoised ablations")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop when a trained model is no better than what it should improve on (held-out checks); "
+                         "by default the run says so and goes on with the documented fallback")
     add_config_args(ap)
 
 
@@ -34,9 +37,15 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"pipeline.stages={args.stages}")
     if args.ablations:
         overrides.append("pipeline.ablations=true")
+    if args.strict:
+        overrides.append("pipeline.strict=true")
     cfg = load_config(args.preset, args.config, overrides)
     report = Pipeline(cfg, args.out, preset=args.preset).run()
     print(summary_table(report["stages"]))
+    failed = [f"{name} ({st['check']['name']})" for name, st in report["stats"].items()
+              if st.get("check") and not st["check"]["passed"]]
+    if failed:
+        print(f"checks failed: {', '.join(failed)}; the report's 'Checks' section has the figures and the fallback used")
     print(f"report: {Path(args.out) / 'report.md'} (all figures: report.json; logs: {Path(args.out) / 'logs'})")
     return 0
 

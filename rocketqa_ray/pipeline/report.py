@@ -77,6 +77,7 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
     lines += ["", "The paper's figures are MS MARCO dev MRR@10 (x100), shown for the expected ordering only.",
               "Held-out dev: step 4's unlabelled questions, scored against their hidden labels by the stages that "
               "never train on them (choose settings with it, not with the test split).", ""]
+    lines += checks_section(stats) + budget_line(report.get("budget", {}))
     for name, st in stats.items():
         if not st:
             continue
@@ -84,9 +85,31 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
         if "rerank_check" in st:
             lines += rerank_section(st)
         lines += ["| statistic | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in st.items() if k != "rerank_check"]
+        lines += [f"| {k} | {v} |" for k, v in st.items() if k not in ("rerank_check", "check")]
         lines.append("")
     return "\n".join(lines)
+
+
+def checks_section(stats: dict[str, dict]) -> list[str]:
+    """Each trained model against what it should improve on, on held-out questions (`pipeline.checks`)."""
+    checks = [(name, st["check"]) for name, st in stats.items() if st.get("check")]
+    if not checks:
+        return []
+    out = ["## Checks (held-out questions)", ""]
+    for name, c in checks:
+        mark = "passed" if c["passed"] else "**FAILED**"
+        fallback = f" The run went on: {c['fallback']}." if c.get("fallback") else ""
+        out.append(f"- {name}: {c['name']}: {mark}: {c['message']}.{fallback}")
+    return [*out, ""]
+
+
+def budget_line(b: dict) -> list[str]:
+    if "budget_minutes" not in b:
+        return []
+    over = b.get("over_minutes", 0)
+    how = f"**{over:g} min over** it" if over > 0 else "within it"
+    return [f"Time: the stages took {b['minutes']:g} min; this preset is sized for {b['budget_minutes']:g} min: {how}.",
+            ""]
 
 
 def rerank_section(st: dict) -> list[str]:
@@ -99,7 +122,9 @@ def rerank_section(st: dict) -> list[str]:
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
     rows = [(f"{retriever} alone", "retriever_mrr@10", "retriever"), ("cross-encoder alone", "ce_mrr@10", "cross_encoder"),
-            (f"rerank ({dev.get('rerank_scores', st.get('scores', ''))})", "rerank_mrr@10", "rerank")]
+            ("rerank (cross-encoder fused with the retriever" + (" and BM25)" if "bm25" in st.get("fusion_features", "")
+                                                                  else ")") if st.get("scores") == "fused"
+             else "rerank (cross-encoder)", "rerank_mrr@10", "rerank")]
     n = dev.get("questions")
     out = [f"Answer: **{'the rerank' if st.get('rerank_choice') == 'rerank' else retriever + ' alone'}**, because "
            f"{st.get('rerank_reason', '')}.", "",
@@ -108,6 +133,9 @@ def rerank_section(st: dict) -> list[str]:
     for label, dev_key, test_key in rows:
         t = test.get(test_key, {})
         out.append(f"| {label} | {cell(dev.get(dev_key))} | {cell(t.get('mrr@10'))} | {cell(t.get('recall@5'))} |")
+    if "cross-fitted" in dev.get("rerank_scores", ""):
+        out += ["", "The rerank's dev figure is cross-fitted: each half of the dev questions is reranked by a fusion fit "
+                "on the other half; the fusion kept is fit on all of them."]
     return [*out, ""]
 
 

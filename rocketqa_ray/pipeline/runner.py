@@ -120,7 +120,13 @@ class Pipeline:
             for name in sorted(names, key=order.index):
                 self.run_stage(name)
                 self.write_report()
-            return self.write_report()
+            report = self.write_report()
+            if report["budget"].get("over_minutes", 0) > 0:
+                b = report["budget"]
+                say("the stages took %.1f min, %.1f min over the %g minutes this preset is sized for "
+                    "(pipeline.budget_minutes; see README 'Your own data' for the knobs that scale with data size)",
+                    b["minutes"], b["over_minutes"], b["budget_minutes"])
+            return report
 
     def write_report(self) -> dict:
         from rocketqa_ray.pipeline.report import write_reports
@@ -135,6 +141,7 @@ class Pipeline:
             "preset": self.preset,
             "splits": {"train": len(splits.train), "pseudo": len(splits.pseudo), "dev": len(splits.dev),
                        "test": len(splits.test)},
+            "budget": budget(sum(r.seconds for r in self.results.values()), self.cfg.pipeline.budget_minutes),
         }
         write_json(self.run_dir / "report.json", report)
         write_reports(report, self.run_dir)
@@ -153,3 +160,11 @@ def diff(old: dict, new: dict, prefix: str = "") -> str:
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return "; ".join(out[:5])
+
+
+def budget(seconds: float, budget_minutes: float | None) -> dict:
+    """The stages' total time against the preset's budget (`pipeline.budget_minutes`), for the report."""
+    out: dict = {"minutes": round(seconds / 60, 1)}
+    if budget_minutes:
+        out.update(budget_minutes=budget_minutes, over_minutes=round(max(0.0, seconds / 60 - budget_minutes), 1))
+    return out

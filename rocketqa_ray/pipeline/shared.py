@@ -12,7 +12,7 @@ import numpy as np
 
 from rocketqa_ray.config import Config
 from rocketqa_ray.evaluation import full_report, write_trec_run
-from rocketqa_ray.io import read_json
+from rocketqa_ray.io import read_json, read_json_if_valid, write_json
 from rocketqa_ray.pipeline.context import Context, TextView
 from rocketqa_ray.types import PairScores, RankedHits, RankedIds, Run
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from rocketqa_ray.retrieval.fusion import Fusion
 
 TRAIN_TOP = "train_top.json"  # md0's top-k for the labelled training questions, gold excluded
+HELDOUT = "heldout.json"  # a dual encoder's held-out figures (`heldout_eval`)
 
 
 def start_ray(ctx: Context) -> None:
@@ -71,18 +72,34 @@ def dense_eval(ctx: Context, model_dir: Path, d: Path, name: str) -> tuple[dict,
     return evaluate(ctx, run, d, name), index
 
 
-def heldout_eval(ctx: Context, model_dir: Path, index: DenseIndex) -> dict:
-    """MRR@10 / R@20 on the step-4 questions whose labels are hidden (none of steps 1-3 train on them): a
-    dev figure for choosing settings without looking at the test split."""
+def heldout_eval(ctx: Context, model_dir: Path, index: DenseIndex, d: Path, trained_on_pseudo: bool = False) -> dict:
+    """MRR@10 / R@20 on held-out questions no model trains on: the dev split (`data.dev_fraction`), or where
+    there is none, step 4's questions with their hidden labels (unless this model trained on them). For choosing
+    settings without the test split, and for the check that a dual encoder improved on the previous one; written
+    to d/heldout.json for the next stage's check."""
     from rocketqa_ray.evaluation import evaluate_run
 
     qrels = ctx.train_qrels
-    qids = [q for q in ctx.splits.pseudo if q in qrels]
+    which, qids = "dev", [q for q in ctx.splits.dev if q in qrels]
+    if not qids and not trained_on_pseudo:
+        which, qids = "pseudo", [q for q in ctx.splits.pseudo if q in qrels]
     if not qids:
         return {}
     ranked = retrieve(ctx, model_dir, index, qids, 20)
     m = evaluate_run({q: dict(v) for q, v in ranked.items()}, {q: qrels[q] for q in qids}, ("mrr@10", "recall@20"))
-    return {"heldout_questions": len(qids), **{f"heldout_{k}": v for k, v in m.items()}}
+    out = {"heldout_set": which, "heldout_questions": len(qids), **{f"heldout_{k}": v for k, v in m.items()}}
+    write_json(d / HELDOUT, out)
+    return out
+
+
+def dual_encoder_check(ctx: Context, stage: str, previous: str, heldout: dict) -> dict:
+    """{"check": ...} for the stats when `stage` and `previous` were measured on the same held-out questions: a
+    dual encoder no better than the one before it is said (or stops the run under pipeline.strict)."""
+    from rocketqa_ray.pipeline.checks import dual_check, report_check
+
+    before = read_json_if_valid(ctx.stage_dir(previous) / HELDOUT) or {}
+    res = dual_check(stage, previous, heldout, before)
+    return {} if res is None else {"check": report_check(res, stage, ctx.cfg.pipeline.strict)}
 
 
 def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Path | None = None) -> PairScores:
@@ -97,13 +114,16 @@ def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Pa
 
 def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], init: Path | None = None) -> Path:
     """Write the examples (once) and train a dual encoder on Ray Train into d/model; a stage that continues from
-    a previous dual encoder (`init`) trains for `dual.continue_epochs` when set."""
+    a previous dual encoder (`init`) trains for `dual.continue_epochs` / `continue_min_steps` when set."""
     from rocketqa_ray.data.examples import write_examples
     from rocketqa_ray.train.launch import train_dual
 
     start_ray(ctx)
-    if init is not None and cfg.dual.continue_epochs is not None:
-        cfg = replace(cfg, dual=replace(cfg.dual, epochs=cfg.dual.continue_epochs))
+    if init is not None:
+        d_cfg = cfg.dual
+        cfg = replace(cfg, dual=replace(
+            d_cfg, epochs=d_cfg.epochs if d_cfg.continue_epochs is None else d_cfg.continue_epochs,
+            min_steps=d_cfg.min_steps if d_cfg.continue_min_steps is None else d_cfg.continue_min_steps))
     ex = d / "train_examples.parquet"
     if not ex.exists():
         write_examples(rows, ex)

@@ -74,6 +74,11 @@ def mrr_at(qids: list[str], scores: np.ndarray, labels: np.ndarray, k: int = 10)
     return total / len(groups)
 
 
+def top1(qids: list[str], scores: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of questions whose best-scored candidate is a positive (ties keep the given order)."""
+    return mrr_at(qids, scores, labels, k=1)
+
+
 def folds_of(qids: list[str], folds: int, seed: int) -> dict[str, int]:
     """A deterministic fold per question."""
     order = sorted(set(qids))
@@ -127,6 +132,8 @@ def check_rerank(t: CandidateTable, use_fusion: bool = True, folds: int = FOLDS,
     dev.update({"retriever_mrr@10": round(mrr_at(t.qids, t.dense, t.labels), 4),
                 "ce_mrr@10": round(mrr_at(t.qids, t.ce, t.labels), 4),
                 "rerank_mrr@10": round(mrr_at(t.qids, oof, t.labels), 4),
+                "retriever_top1": round(top1(t.qids, t.dense, t.labels), 4),
+                "ce_top1": round(top1(t.qids, t.ce, t.labels), 4),
                 "rerank_scores": "fused (cross-fitted)" if cross_fitted else ("fused (in-sample)" if use_fusion
                                                                               else "cross-encoder")})
     better = dev["rerank_mrr@10"] > dev["retriever_mrr@10"] + min_gain

@@ -48,6 +48,14 @@ def _run_spec(kind: str, cfg: Config, files: list[Path], init_model: str | None)
             "init_model": model_fingerprint(init_model) if init_model else None}
 
 
+def training_steps(epochs: float, steps_per_epoch: int, min_steps: int = 0, max_steps: int | None = None) -> int:
+    """Steps of a training run: `max_steps` if set, else `epochs` passes, but at least `min_steps` (a small data
+    set gets more epochs rather than a few dozen steps)."""
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * steps_per_epoch), min_steps)
+
+
 def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path, init_model: str | None,
          name: str, step_hook: StepHook | None) -> Path:
     out_dir = Path(out_dir).resolve()
@@ -65,7 +73,7 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
     if steps_per_epoch == 0:
         raise DataError(f"{examples_path}: {info['rows']} training examples are fewer than one global batch "
                         f"({workers} workers x batch {tcfg.batch_size}); lower {kind}.batch_size or ray.num_workers")
-    total = tcfg.max_steps if tcfg.max_steps else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    total = training_steps(tcfg.epochs, steps_per_epoch, tcfg.min_steps, tcfg.max_steps)
     num_negatives = min(cfg.dual.num_hard_negatives, info["max_negatives"]) if kind == "dual" else info["max_negatives"]
 
     spec = _run_spec(kind, cfg, files, init_model)

@@ -5,8 +5,6 @@ fingerprints. Upstream stages run once per module (`StageRunner`) and their fold
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 
@@ -21,54 +19,12 @@ from rocketqa_ray.modeling.base import model_fingerprint, read_meta
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, retriever_stages, stage_names, stages
 from rocketqa_ray.pipeline.runner import Pipeline
+from rocketqa_ray.testing.small_data import N_PASSAGES, N_TEST, N_TRAIN, write_small_beir
 from rocketqa_ray.types import RankedIds
 
-ROOT = Path(__file__).resolve().parents[2]
-MINI = ROOT / "data" / "squad-mini"
-N_TRAIN, N_TEST, N_PASSAGES = 140, 30, 300
 METRICS = {"mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20"}
 # The recipe's run (and report) order: each stage after the stages it reads.
 EXPECTED_ORDER = ["bm25", "zero_shot", "md0", "md0_inbatch", "mc", "md1", "md1_undenoised", "md2", "md2_rerank"]
-
-
-# ------------------------------------------------------------------------------------------ the small dataset
-def _qrels(path: Path) -> dict[str, dict[str, int]]:
-    with open(path, encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t"))[1:]
-    out: dict[str, dict[str, int]] = {}
-    for q, p, s in rows:
-        out.setdefault(q, {})[p] = int(s)
-    return out
-
-
-def write_small_beir(out: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, n_passages: int = N_PASSAGES) -> Path:
-    """A BEIR subset of squad-mini: the first `n_train` train and `n_test` test questions (by id: a few articles
-    each), their gold passages, then the other passages of the same articles (hard negatives), then any."""
-    corpus = [json.loads(line) for line in open(MINI / "corpus.jsonl", encoding="utf-8")]
-    by_id = {p["_id"]: p for p in corpus}
-    queries = {json.loads(line)["_id"]: json.loads(line) for line in open(MINI / "queries.jsonl", encoding="utf-8")}
-    splits = {"train": _qrels(MINI / "qrels" / "train.tsv"), "test": _qrels(MINI / "qrels" / "test.tsv")}
-    chosen_q = {"train": sorted(splits["train"])[:n_train], "test": sorted(splits["test"])[:n_test]}
-    chosen: dict[str, dict] = {}
-    for split, qids in chosen_q.items():
-        for q in qids:
-            for p in splits[split][q]:
-                chosen.setdefault(p, by_id[p])
-    titles = {p["title"] for p in chosen.values()}
-    for p in [p for p in corpus if p["title"] in titles] + corpus:
-        if len(chosen) >= n_passages:
-            break
-        chosen.setdefault(p["_id"], p)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "qrels").mkdir(exist_ok=True)
-    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p) + "\n" for p in chosen.values())
-    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(queries[q]) + "\n" for qids in chosen_q.values() for q in qids)
-    for split, qids in chosen_q.items():
-        body = "".join(f"{q}\t{p}\t{s}\n" for q in qids for p, s in splits[split][q].items())
-        (out / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + body, encoding="utf-8")
-    return out
 
 
 # ------------------------------------------------------------------------------------------ shared fixtures
@@ -292,7 +248,7 @@ def test_zero_shot(run, tmp_path):
     # the untrained base model, as saved by DualEncoder.from_base
     again = DualEncoder.from_base(run.cfg.model).save(tmp_path / "model")
     assert model_fingerprint(again) == model_fingerprint(d / "model")
-    assert res.stats["heldout_questions"] == len(run.ctx.splits.pseudo)
+    assert res.stats["heldout_questions"] == len(run.ctx.splits.dev) and res.stats["heldout_set"] == "dev"
     assert 0.0 <= res.stats["heldout_mrr@10"] <= res.stats["heldout_recall@20"] <= 1.0  # one gold per question
 
 
@@ -310,7 +266,7 @@ def test_md0_mines_top_k_without_gold(run):
     assert res.stats["train_questions"] == len(ctx.splits.train)
     assert res.stats["cross_batch"] is True and res.stats["workers"] == run.cfg.ray.num_workers == 2
     assert res.stats["negatives_per_query"] == run.cfg.dual.batch_size * 2 - 1
-    assert res.stats["heldout_questions"] == len(ctx.splits.pseudo)
+    assert res.stats["heldout_questions"] == len(ctx.splits.dev)
     spec = _spec(d)
     assert spec["init_model"] is None and spec["config"]["dual"]["cross_batch"] is True
     assert spec["config"]["dual"]["max_steps"] == run.cfg.dual.max_steps
@@ -546,9 +502,15 @@ def test_md1_denoised_pool(run):
     assert s["threshold"] == m.denoise_threshold and s["top"] == m.denoise_top + m.bm25_negatives
     assert s["pool_per_question"] == round(n_cands / len(cands), 2)
     assert s["kept_checked"] + s["dropped_checked"] == s["scored"]
-    # kept = exactly the candidates the cross-encoder scored below the threshold
+    # kept = exactly the candidates the cross-encoder scored below the threshold (fused with M_D0 and BM25 where
+    # the tiny cross-encoder failed its check: tests/pipeline/test_checks.py pins that path)
     scores = load_scores(d / "denoise_scores")
     assert set(scores) == {(q, p) for q, ps in cands.items() for p in ps}
+    if not run.results["mc"].stats["check"]["passed"]:
+        from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
+
+        assert s["denoise_scores"] == "fused (cross-encoder check failed)"
+        scores = fused_md0_scores(ctx, list(scores), scores)
     for q, ps in cands.items():
         assert pool[q] == [p for p in ps if scores[(q, p)] < m.denoise_threshold]
     # trained on them, continuing from md0 (dual.init: previous)
@@ -559,7 +521,7 @@ def test_md1_denoised_pool(run):
         if pool[r["qid"]]:
             assert set(r["negative_ids"]) <= set(pool[r["qid"]])
     assert _spec(d)["init_model"] == model_fingerprint(run.dir("md0") / "model")
-    assert s["heldout_questions"] == len(ctx.splits.pseudo)
+    assert s["heldout_questions"] == len(ctx.splits.dev)
 
 
 def test_md1_undenoised_pool_is_all_candidates(run):

@@ -321,3 +321,30 @@ def test_a_user_error_in_a_worker_reaches_the_driver_as_one_line():
     chained.__cause__ = DataError("corpus.jsonl:3: malformed JSON")
     assert user_error(chained) is chained.__cause__  # Ray Data keeps the worker's exception as the cause
     assert user_error(RuntimeError("CUDA out of memory")) is None  # not ours: keeps its traceback
+
+
+@pytest.mark.parametrize("epochs, per_epoch, min_steps, max_steps, expect", [
+    (0.6, 236, 140, None, 142),  # squad-mini's cross-encoder: epochs decide, above the floor
+    (0.6, 56, 140, None, 140),  # 500 questions: the floor, 2.5 epochs instead of 34 steps
+    (1.0, 7, 0, None, 7),
+    (0.01, 7, 0, None, 1),  # always at least one step
+    (5.0, 7, 140, 4, 4),  # max_steps wins (tests, smoke runs)
+])
+def test_training_steps_have_a_floor_for_small_data(epochs, per_epoch, min_steps, max_steps, expect):
+    from rocketqa_ray.train.launch import training_steps
+
+    assert training_steps(epochs, per_epoch, min_steps, max_steps) == expect
+
+
+def test_min_steps_trains_more_epochs_on_small_data(ray_session, dual_examples, tmp_path):
+    """A real run: 1 epoch of the examples is a handful of steps; min_steps makes it run that many."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_metadata(dual_examples).num_rows
+    cfg = _tiny_cfg("dual.max_steps=null", "dual.batch_size=64", "dual.epochs=1", "dual.min_steps=9",
+                    "dual.log_every=1", "ray.num_workers=1")
+    per_epoch = rows // 64
+    assert per_epoch < 9
+    train_dual(cfg, dual_examples, tmp_path / "md", name="min_steps")
+    history = read_history(tmp_path / "md")
+    assert history[-1]["step"] == 9 and history[-1]["epoch"] == pytest.approx(9 / per_epoch, abs=1e-3)

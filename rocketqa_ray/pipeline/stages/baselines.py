@@ -30,4 +30,4 @@ def zero_shot(ctx: Context, cfg: Config, d: Path) -> StageResult:
     if not model_dir.exists():
         DualEncoder.from_base(cfg.model).save(model_dir)
     metrics, index = dense_eval(ctx, model_dir, d, "zero_shot")
-    return StageResult(metrics, heldout_eval(ctx, model_dir, index))
+    return StageResult(metrics, heldout_eval(ctx, model_dir, index, d))

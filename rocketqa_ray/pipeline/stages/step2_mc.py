@@ -53,7 +53,29 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
         stats.update(read_json(d / CALIBRATION))
     # M_C's quality: rerank M_D0's test top-k (with a fusion fit for M_D0 on held-out dev)
     metrics, rerank_stats = rerank_eval(ctx, "md0", d)
-    return StageResult(metrics, {**stats, **rerank_stats})
+    stats.update(rerank_stats)
+    stats.update(check_cross_encoder(cfg, stats, d))
+    return StageResult(metrics, stats)
+
+
+def check_cross_encoder(cfg: Config, stats: dict, d: Path) -> dict:
+    """Did M_C learn? The cross-encoder alone against M_D0 on the same held-out candidates: M_D0's top-k for the
+    dev questions, or without a dev split the calibration groups (which M_D0 trained on: a harder bar). Saved
+    for steps 3 and 4, which fall back (`cross.fallback`) when it did not."""
+    from rocketqa_ray.pipeline.checks import ce_check, report_check, save_ce_check
+
+    mode = cfg.cross.fallback if cfg.cross.fusion else "skip"
+    dev = stats.get("rerank_check", {}).get("dev", {})
+    if "ce_mrr@10" in dev:
+        res = ce_check("held-out dev questions (M_D0's top-k)", dev["questions"], dev["ce_mrr@10"],
+                       dev["retriever_mrr@10"], dev["ce_top1"], dev["retriever_top1"], mode)
+    elif "calib_mrr_dense" in stats:
+        res = ce_check("calibration groups", stats["calib_questions"], stats["calib_mrr_ce"],
+                       stats["calib_mrr_dense"], stats["calib_top1_acc"], stats["calib_top1_acc_dense"], mode)
+    else:
+        return {}
+    save_ce_check(d, res, mode)
+    return {"check": report_check(res, "mc", cfg.pipeline.strict)}
 
 
 def top1(pairs: list[tuple[str, str]], score: np.ndarray, pos: dict[str, str]) -> float:
@@ -69,6 +91,7 @@ def calibrate(ctx: Context, cfg: Config, raw: Path, calib: list[str], pos: dict[
     """Platt-scale the trained cross-encoder on held-out question groups, fit the fusion, save it as `d/model`."""
     from rocketqa_ray.modeling.cross_encoder import CrossEncoder
     from rocketqa_ray.retrieval.fusion import fit_fusion, logits_from_probs
+    from rocketqa_ray.retrieval.rerank_check import mrr_at
     from rocketqa_ray.rocketqa.calibration import fit_platt, fold_into_head
 
     pairs = [(q, p) for q in calib for p in [pos[q], *negs.get(q, [])]]
@@ -97,7 +120,10 @@ def calibrate(ctx: Context, cfg: Config, raw: Path, calib: list[str], pos: dict[
         if cfg.cross.fusion_bm25:
             lexical = ctx.bm25.score_pairs(pairs, {q: ctx.qtext(q) for q, _ in pairs})
         fusion = fit_fusion(calibrated, dense, labels, lexical)
+        qids = [q for q, _ in pairs]
         stats.update({"fusion": {k: round(v, 4) for k, v in fusion.to_dict().items()},
+                      "calib_mrr_ce": round(mrr_at(qids, calibrated, labels), 4),
+                      "calib_mrr_dense": round(mrr_at(qids, dense, labels), 4),
                       "calib_top1_acc_dense": top1(pairs, dense, pos),
                       "calib_top1_acc_fused": top1(pairs, fusion(calibrated, dense, lexical), pos)})
         if lexical is not None:

@@ -8,11 +8,14 @@ from pathlib import Path
 from rocketqa_ray.config import Config
 from rocketqa_ray.evaluation import has_answer
 from rocketqa_ray.io import write_json
+from rocketqa_ray.pipeline.checks import ce_fallback
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
     ce_scores,
     dense_eval,
+    dense_scores,
+    dual_encoder_check,
     dual_examples,
     heldout_eval,
     train_dual_encoder,
@@ -20,9 +23,9 @@ from rocketqa_ray.pipeline.shared import (
 )
 from rocketqa_ray.rocketqa.denoise import answer_rates, denoise
 from rocketqa_ray.rocketqa.negatives import exclude_gold
-from rocketqa_ray.types import RankedIds
+from rocketqa_ray.types import PairScores, RankedIds
 
-# bm25: mining.bm25_negatives joins BM25's top passages to the pool
+# bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
 SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25")
 POOL = "hard_negative_pool.json"
 
@@ -45,8 +48,13 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
         lexical = bm25_negatives(ctx, train, m.bm25_negatives)
         cands = {q: list(dict.fromkeys(cands.get(q, []) + lexical.get(q, []))) for q in train}
         stats["pool_per_question"] = round(sum(map(len, cands.values())) / max(1, len(cands)), 2)
-    if denoised and m.denoise:
-        scores = ce_scores(ctx, [(q, p) for q, ps in cands.items() for p in ps], d / "denoise_scores")
+    fallback = ce_fallback(ctx.stage_dir("mc")) if denoised else None
+    if denoised and m.denoise and fallback != "skip":
+        pairs = [(q, p) for q, ps in cands.items() for p in ps]
+        scores = ce_scores(ctx, pairs, d / "denoise_scores")
+        if fallback == "fused":  # the cross-encoder alone failed its check: its fusion with M_D0 and BM25 decides
+            scores = fused_md0_scores(ctx, pairs, scores)
+            stats["denoise_scores"] = "fused (cross-encoder check failed)"
         res = denoise(cands, scores, m.denoise_threshold, m.denoise_top + m.bm25_negatives)
         pool = res.kept
         stats.update(res.stats)
@@ -54,14 +62,36 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
             stats.update(answer_rates(res, {q: ctx.data.queries[q]["answers"] for q in train}, has_answer, ctx.ptext))
     else:
         pool = cands
+        if fallback == "skip" and m.denoise:
+            stats["denoise_scores"] = "skipped (cross-encoder check failed)"
     write_json(d / POOL, pool)
     rows = dual_examples(ctx, train, pool)
     init = ctx.stage_dir("md0") / "model" if cfg.dual.init == "previous" else None
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
     metrics, index = dense_eval(ctx, model_dir, d, d.name)
     stats["train_questions"] = len(rows)
-    stats.update(heldout_eval(ctx, model_dir, index))
+    heldout = heldout_eval(ctx, model_dir, index, d)
+    stats.update(heldout)
+    if denoised:
+        stats.update(dual_encoder_check(ctx, d.name, "md0", heldout))
     return StageResult(metrics, stats)
+
+
+def fused_md0_scores(ctx: Context, pairs: list[tuple[str, str]], ce: PairScores) -> PairScores:
+    """The cross-encoder's probabilities for M_D0's candidates fused with M_D0's and BM25's scores, by the fusion
+    step 2 fit for M_D0 on held-out dev (`mc/rerank_check.json`)."""
+    from rocketqa_ray.io import read_json
+    from rocketqa_ray.retrieval.fusion import fuse_scores
+    from rocketqa_ray.retrieval.rerank_check import RERANK_CHECK, RerankCheck
+
+    fusion = RerankCheck.from_dict(read_json(ctx.stage_dir("mc") / RERANK_CHECK)).fusion
+    if fusion is None:
+        return ce
+    dense = dense_scores(ctx, "md0", pairs)
+    ranked = {}
+    for (q, p), v in zip(pairs, dense):
+        ranked.setdefault(q, []).append((p, float(v)))
+    return fuse_scores(ranked, ce, fusion, ctx.bm25_scores(pairs) if fusion.uses_bm25 else None)
 
 
 @stage("md1", deps=("md0", "mc"), sections=SECTIONS, label="M_D1: + denoised hard negatives", retriever=True,

@@ -6,13 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from rocketqa_ray.config import Config
+from rocketqa_ray.pipeline.checks import ce_fallback
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
     ce_scores,
     dense_eval,
+    dual_encoder_check,
     dual_examples,
     fusion,
+    heldout_eval,
     retrieve,
     train_dual_encoder,
 )
@@ -38,7 +41,12 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     rows = read_rows(md1 / "train_examples.parquet")
     stats: dict = {"labelled_questions": len(rows)}
     pseudo_q = ctx.splits.pseudo
-    if m.pseudo and pseudo_q:
+    fallback = ce_fallback(ctx.stage_dir("mc"))
+    if fallback is not None and fusion(ctx) is None:
+        fallback = "skip"  # no fusion to fall back on
+    if fallback is not None:
+        stats["pseudo_scores"] = f"{'fused' if fallback == 'fused' else 'skipped'} (cross-encoder check failed)"
+    if m.pseudo and pseudo_q and fallback != "skip":
         index = DenseIndex.load(md1 / "index", expect_fingerprint=model_fingerprint(md1_model))
         ranked = retrieve(ctx, md1_model, index, pseudo_q, m.pseudo_top_k)
         cands = {q: [p for p, _ in v] for q, v in ranked.items()}
@@ -54,5 +62,8 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     stats["train_questions"] = len(rows)
     init = md1_model if cfg.dual.init == "previous" else None
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
-    metrics, _ = dense_eval(ctx, model_dir, d, "md2")
+    metrics, index = dense_eval(ctx, model_dir, d, "md2")
+    heldout = heldout_eval(ctx, model_dir, index, d, trained_on_pseudo=True)
+    stats.update(heldout)
+    stats.update(dual_encoder_check(ctx, "md2", "md1", heldout))
     return StageResult(metrics, stats)
