@@ -53,14 +53,19 @@ def report_check(result: CheckResult, stage: str, strict: bool) -> dict:
 
 
 def ce_check(held_out: str, n: int, ce_mrr: float, dense_mrr: float, ce_top1: float, dense_top1: float,
-             fallback: str) -> CheckResult:
-    """The cross-encoder alone must rank the held-out candidates better than the dense model (MRR@10)."""
+             fallback: str, se: float | None = None) -> CheckResult:
+    """The cross-encoder alone must rank the held-out candidates better than the dense model (MRR@10); `se`, the
+    standard error of the difference, says whether a failure is a tie within noise or a clear loss."""
     passed = ce_mrr > dense_mrr
     figures = {"held_out": held_out, "questions": n, "ce_mrr@10": ce_mrr, "dense_mrr@10": dense_mrr,
-               "ce_top1": ce_top1, "dense_top1": dense_top1}
+               "ce_top1": ce_top1, "dense_top1": dense_top1, "difference_se": se}
     verdict = "better than" if passed else "NOT better than"
     message = (f"on {n} {held_out} the cross-encoder alone (MRR@10 {ce_mrr:.3f}, top-1 {ce_top1:.3f}) is {verdict} "
                f"M_D0 (MRR@10 {dense_mrr:.3f}, top-1 {dense_top1:.3f})")
+    if se and not passed:
+        gap = dense_mrr - ce_mrr
+        message += (f", by {gap:.3f}: " + ("within" if gap <= 2 * se else "beyond")
+                    + f" twice the difference's standard error ({se:.3f})")
     what = {"fused": "denoising and pseudo-labels use the fused score (cross-encoder + dense + BM25) instead",
             "skip": "denoising and pseudo-labels are skipped"}[fallback]
     return CheckResult("cross-encoder learned", passed, message, figures, None if passed else what)

@@ -56,22 +56,31 @@ class RerankCheck:
         return cls(Fusion.from_dict(d.get("fusion")), bool(d["rerank"]), dict(d.get("dev", {})), d.get("reason", ""))
 
 
-def mrr_at(qids: list[str], scores: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
-    """MRR@k of ranking each question's candidates by `scores` (ties keep the given order); a question with no
-    positive among its candidates counts 0 for every ranking, as in the full-run metric."""
+def reciprocal_ranks(qids: list[str], scores: np.ndarray, labels: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Per question, 1 / rank of its first positive when its candidates are ranked by `scores` (ties keep the
+    given order), 0 beyond rank k or without a positive."""
     groups: dict[str, list[int]] = {}
     for i, q in enumerate(qids):
         groups.setdefault(q, []).append(i)
-    if not groups:
-        return 0.0
-    total = 0.0
-    for rows in groups.values():
+    out = {}
+    for q, rows in groups.items():
         order = sorted(rows, key=lambda i: -float(scores[i]))  # stable: ties keep the retriever's order
-        for rank, i in enumerate(order[:k], start=1):
-            if labels[i] > 0.5:
-                total += 1.0 / rank
-                break
-    return total / len(groups)
+        out[q] = next((1.0 / rank for rank, i in enumerate(order[:k], start=1) if labels[i] > 0.5), 0.0)
+    return out
+
+
+def mrr_at(qids: list[str], scores: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """MRR@k of ranking each question's candidates by `scores`; a question with no positive among its candidates
+    counts 0 for every ranking, as in the full-run metric."""
+    rr = reciprocal_ranks(qids, scores, labels, k)
+    return float(np.mean(list(rr.values()))) if rr else 0.0
+
+
+def paired_se(qids: list[str], a: np.ndarray, b: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """The standard error of MRR@k(a) - MRR@k(b) on the same questions (how much of a difference is noise)."""
+    ra, rb = reciprocal_ranks(qids, a, labels, k), reciprocal_ranks(qids, b, labels, k)
+    diff = np.array([ra[q] - rb[q] for q in ra])
+    return float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
 
 
 def top1(qids: list[str], scores: np.ndarray, labels: np.ndarray) -> float:
@@ -134,6 +143,7 @@ def check_rerank(t: CandidateTable, use_fusion: bool = True, folds: int = FOLDS,
                 "rerank_mrr@10": round(mrr_at(t.qids, oof, t.labels), 4),
                 "retriever_top1": round(top1(t.qids, t.dense, t.labels), 4),
                 "ce_top1": round(top1(t.qids, t.ce, t.labels), 4),
+                "ce_minus_retriever_se": round(paired_se(t.qids, t.ce, t.dense, t.labels), 4),
                 "rerank_scores": "fused (cross-fitted)" if cross_fitted else ("fused (in-sample)" if use_fusion
                                                                               else "cross-encoder")})
     better = dev["rerank_mrr@10"] > dev["retriever_mrr@10"] + min_gain

@@ -150,3 +150,14 @@ def test_the_report_says_whether_a_run_kept_to_its_presets_budget(seconds, budge
         assert "sized for" not in md and b == {"minutes": 15.0}
     else:
         assert f"the stages took {seconds / 60:g} min; this preset is sized for {budget_min:g} min: {needle}" in md
+
+
+def test_a_failed_cross_encoder_check_says_whether_the_loss_is_within_noise():
+    from rocketqa_ray.pipeline.checks import ce_check
+
+    tie = ce_check("held-out dev questions", 300, 0.799, 0.8035, 0.70, 0.72, "fused", se=0.01)
+    assert not tie.passed and "by 0.004: within twice the difference's standard error (0.010)" in tie.message
+    loss = ce_check("held-out dev questions", 80, 0.27, 0.62, 0.51, 0.74, "skip", se=0.04)
+    assert not loss.passed and "beyond twice" in loss.message and loss.fallback.endswith("are skipped")
+    won = ce_check("held-out dev questions", 300, 0.86, 0.80, 0.8, 0.7, "fused", se=0.01)
+    assert won.passed and won.fallback is None and "standard error" not in won.message

@@ -115,3 +115,15 @@ def test_round_trip():
     back = RerankCheck.from_dict(c.to_dict())
     assert back.rerank == c.rerank and back.dev == c.dev and back.reason == c.reason
     assert back.fusion == c.fusion
+
+
+def test_paired_standard_error_of_a_difference():
+    from rocketqa_ray.retrieval.rerank_check import paired_se, reciprocal_ranks
+
+    t = table(np.random.default_rng(6), n_q=200, dense_signal=1.0, ce_signal=1.0)
+    ra, rb = reciprocal_ranks(t.qids, t.ce, t.labels), reciprocal_ranks(t.qids, t.dense, t.labels)
+    d = np.array([ra[q] - rb[q] for q in ra])
+    assert paired_se(t.qids, t.ce, t.dense, t.labels) == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    assert paired_se(t.qids, t.ce, t.ce, t.labels) == 0.0
+    c = check_rerank(t)
+    assert c.dev["ce_minus_retriever_se"] == pytest.approx(round(paired_se(t.qids, t.ce, t.dense, t.labels), 4))

@@ -68,7 +68,8 @@ def check_cross_encoder(cfg: Config, stats: dict, d: Path) -> dict:
     dev = stats.get("rerank_check", {}).get("dev", {})
     if "ce_mrr@10" in dev:
         res = ce_check("held-out dev questions (M_D0's top-k)", dev["questions"], dev["ce_mrr@10"],
-                       dev["retriever_mrr@10"], dev["ce_top1"], dev["retriever_top1"], mode)
+                       dev["retriever_mrr@10"], dev["ce_top1"], dev["retriever_top1"], mode,
+                       dev.get("ce_minus_retriever_se"))
     elif "calib_mrr_dense" in stats:
         res = ce_check("calibration groups", stats["calib_questions"], stats["calib_mrr_ce"],
                        stats["calib_mrr_dense"], stats["calib_top1_acc"], stats["calib_top1_acc_dense"], mode)
