@@ -29,6 +29,7 @@ CrossLoss = Literal["listwise", "bce", "listwise+bce"]
 IndexKind = Literal["flat", "ivfpq", "hnsw", "auto"]
 IndexRefine = Literal["none", "flat", "sq8"]
 CeFallback = Literal["fused", "skip"]
+CrossInit = Literal["base", "md0"]
 
 
 @dataclass
@@ -103,6 +104,8 @@ class CrossConfig:
     """Cross-encoder M_C (step 2)."""
 
     base: str = setting("minilm", help="base model: minilm, tiny or a local HF model path")
+    init: CrossInit = setting("base", help="start from cross.base, or from M_D0's encoder (it has seen the domain; "
+                              "a fresh scoring head)")
     max_len: int = setting(160, ge=8, help="question + passage length in tokens")
     lr: float = setting(5e-5, gt=0, help="peak learning rate (AdamW)")
     weight_decay: float = setting(0.01, ge=0, help="AdamW weight decay")

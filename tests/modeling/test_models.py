@@ -183,3 +183,19 @@ def test_tiny_model_cache_built_by_several_processes_at_once(tmp_path):
     assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outs]
     assert all(out.strip().endswith("ok") for out, _ in outs)
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1  # one cache folder, no leftovers
+
+
+def test_a_cross_encoder_can_start_from_a_trained_dual_encoder(tmp_path):
+    """cross.init=md0: the cross-encoder's transformer is the dual encoder's (it has seen the domain), its
+    1-logit head is new."""
+    model = DualEncoder.from_base(TINY)
+    _perturb(model.query_model, seed=3)  # not the base's weights any more
+    path = model.save(tmp_path / "md0")
+    ce = CrossEncoder.from_base(str(path), max_len=64)
+    dual = {k: v for k, v in model.query_model.state_dict().items() if k.startswith(("embeddings.", "encoder."))}
+    cross = ce.model.base_model.state_dict()
+    assert dual and all(torch.equal(v, cross[k]) for k, v in dual.items())
+    base = CrossEncoder.from_base("tiny", max_len=64).model.base_model.state_dict()
+    assert not all(torch.equal(v, base[k]) for k, v in dual.items())
+    assert ce.model.config.num_labels == 1
+    assert ce.score(QUERIES, PASSAGES[:3], bf16="false", device="cpu").shape == (3,)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,11 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     ex = d / "train_examples.parquet"
     if not ex.exists():
         write_examples(build_cross_examples(queries, {q: pos[q] for q in parts["rest"]}, negs, ctx.ptext), ex)
+    if c.init == "md0":  # M_D0's encoder, a new 1-logit head (from_base adds one to a dual-encoder folder)
+        cfg = replace(cfg, cross=replace(c, base=str(ctx.stage_dir("md0") / "model")))
     raw = train_cross(cfg, str(ex), str(d / "train"), name="mc")
-    stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss}
+    stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss,
+             "init": c.init}
     if not (d / "model").exists():
         stats.update(calibrate(ctx, cfg, raw, parts["calib"], pos, negs, d))
     elif (d / CALIBRATION).exists():
