@@ -93,9 +93,9 @@ class Retriever:
     """FAISS search plus passage texts."""
 
     def __init__(self, index_dir: str, corpus_path: str, expect_dim: int | None, expect_fingerprint: str | None,
-                 index_cfg: IndexConfig | None = None, bm25: BM25Config | None = None):
+                 index_cfg: IndexConfig | None = None, bm25: BM25Config | None = None, bm25_stats: str | None = None):
         self.core = RetrieverCore(index_dir, corpus_path, expect_dim=expect_dim, expect_fingerprint=expect_fingerprint,
-                                  index_cfg=index_cfg, bm25=bm25)
+                                  index_cfg=index_cfg, bm25=bm25, bm25_stats=bm25_stats)
 
     def search(self, emb: np.ndarray, k: int, query: str | None = None) -> list[dict]:
         return self.core.search(emb[None, :], k, [query] if query is not None else None)[0]
@@ -299,7 +299,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     retriever = Retriever.options(
         ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
         **_replicas(scfg.retriever_replicas, app_args.autoscaling, 8),
-    ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index, arts.lexical)
+    ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index, arts.lexical,
+           str(arts.bm25_stats) if arts.bm25_stats else None)
     reranker = Reranker.options(
         ray_actor_options=model_actor if arts.cross_dir else {"num_cpus": 0.1}, max_ongoing_requests=queue,
         **_replicas(scfg.reranker_replicas if arts.cross_dir else 1, app_args.autoscaling and bool(arts.cross_dir),

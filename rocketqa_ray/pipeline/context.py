@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 from rocketqa_ray.config import Config
 from rocketqa_ray.data.beir import BeirData, load_beir, load_corpus, passage_text
 from rocketqa_ray.data.splits import Splits, split_questions
+from rocketqa_ray.io import read_json_if_valid, write_json
 from rocketqa_ray.types import PairScores
 
 if TYPE_CHECKING:
     from rocketqa_ray.retrieval.bm25 import BM25Retriever
+    from rocketqa_ray.retrieval.bm25_stats import PairScorer
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class Context:
         self._corpus: dict[str, dict] | None = None
         self._splits: Splits | None = None
         self._bm25: BM25Retriever | None = None
+        self._pairs: PairScorer | None = None
 
     @property
     def data(self) -> BeirData:
@@ -75,9 +78,29 @@ class Context:
             self._bm25 = BM25Retriever.from_config(ids, [self.ptext(i) for i in ids], self.cfg.bm25)
         return self._bm25
 
+    @property
+    def bm25_pairs(self) -> PairScorer:
+        """BM25 per (question, passage) pair from the corpus's statistics (`retrieval.bm25_stats`), counted once
+        and kept in RUN_DIR/bm25_stats for the service; recounted when the corpus file or `bm25.stem` changed."""
+        from rocketqa_ray.pipeline.integrity import describe_file
+        from rocketqa_ray.retrieval.bm25_stats import STATS_DIR, CorpusStats, PairScorer
+
+        if self._pairs is None:
+            d, b = self.run_dir / STATS_DIR, self.cfg.bm25
+            corpus = describe_file(self.data.corpus_path)
+            stats = None
+            if read_json_if_valid(d / "corpus.json") == corpus:
+                stats = CorpusStats.load(d)
+            if stats is None or stats.stem != b.stem:
+                stats = CorpusStats.from_texts((self.ptext(p) for p in self.corpus), stem=b.stem)
+                stats.save(d)
+                write_json(d / "corpus.json", corpus)
+            self._pairs = PairScorer(stats, b.k1, b.b)
+        return self._pairs
+
     def bm25_scores(self, pairs: list[tuple[str, str]]) -> PairScores:
         q = {qid: self.qtext(qid) for qid, _ in pairs}
-        return dict(zip(pairs, self.bm25.score_pairs(pairs, q).tolist()))
+        return dict(zip(pairs, self.bm25_pairs.score_pairs(pairs, q, self.ptext).tolist()))
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name

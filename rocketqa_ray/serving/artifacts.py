@@ -41,6 +41,14 @@ class RunArtifacts:
         return fusion.to_dict() if fusion is not None else None
 
     @property
+    def bm25_stats(self) -> Path | None:
+        """The run's BM25 corpus statistics (what the fusion's BM25 feature is scored from), if it saved them."""
+        from rocketqa_ray.retrieval.bm25_stats import STATS_DIR
+
+        d = self.run_dir / STATS_DIR
+        return d if d.is_dir() else None
+
+    @property
     def rerank_default(self) -> bool:
         """Whether a request that does not say `rerank` is reranked: what held-out dev showed for this retriever
         (always, for a run that did not check)."""

@@ -80,11 +80,12 @@ class PassageStore:
 
 class RetrieverCore:
     """A saved DenseIndex plus the passage texts; refuses an index built with another model. With `bm25`, each
-    hit also carries its BM25 score for the question (a feature of the reranker's fusion)."""
+    hit also carries its BM25 score for the question (a feature of the reranker's fusion), from corpus statistics
+    (`retrieval.bm25_stats`)."""
 
     def __init__(self, index_dir: str | Path, corpus_path: str | Path, expect_dim: int | None = None,
                  expect_fingerprint: str | None = None, index_cfg: IndexConfig | None = None,
-                 bm25: BM25Config | None = None):
+                 bm25: BM25Config | None = None, bm25_stats: str | Path | None = None):
         from rocketqa_ray.index import DenseIndex
 
         # index_cfg: the run's search-time knobs (nprobe, ef_search, use_gpu); the structure is the saved one.
@@ -93,10 +94,15 @@ class RetrieverCore:
         self.store = PassageStore(corpus_path, list(self.index.ids))
         self.lexical = None
         if bm25 is not None:
-            from rocketqa_ray.retrieval.bm25 import BM25Retriever
+            # BM25 per hit from corpus statistics (bm25_stats: the run's, else counted here): no BM25 index
+            from rocketqa_ray.retrieval.bm25_stats import CorpusStats, PairScorer
 
-            ids = list(self.index.ids)
-            self.lexical = BM25Retriever.from_config(ids, [passage_text(*self.store.get(p)) for p in ids], bm25)
+            stats = None
+            if bm25_stats is not None and (Path(bm25_stats) / "bm25_stats.json").exists():
+                stats = CorpusStats.load(bm25_stats)
+            if stats is None or stats.stem != bm25.stem:
+                stats = CorpusStats.from_texts((passage_text(*self.store.get(p)) for p in self.index.ids), bm25.stem)
+            self.lexical = PairScorer(stats, bm25.k1, bm25.b)
 
     @property
     def size(self) -> int:
@@ -122,7 +128,7 @@ class RetrieverCore:
             out.append(hits)
         if self.lexical is not None and queries is not None:
             for q, hits in zip(queries, out):
-                for h, v in zip(hits, self.lexical.score(q, [h["id"] for h in hits])):
+                for h, v in zip(hits, self.lexical.score(q, [passage_text(h["title"], h["text"]) for h in hits])):
                     h["bm25"] = float(v)
         return out
 

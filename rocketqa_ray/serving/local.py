@@ -34,7 +34,7 @@ class SearchService:
         self.encoder = QueryEncoderCore(arts.model_dir, bf16=bf16, device=device)
         self.retriever = RetrieverCore(arts.index_dir, arts.corpus_path, expect_dim=self.encoder.dim,
                                        expect_fingerprint=self.encoder.fingerprint, index_cfg=arts.cfg.index,
-                                       bm25=arts.lexical)
+                                       bm25=arts.lexical, bm25_stats=arts.bm25_stats)
         self.reranker = RerankerCore(arts.cross_dir, bf16=bf16, device=device) if arts.cross_dir else None
         self.fusion = arts.fusion  # read once: the property reads the cross-encoder's meta file
 

@@ -576,3 +576,29 @@ def test_md2_rerank(run):
     _assert_reranks(run, "md2", "md2_rerank")
     _assert_rerank_check(run, "md2", "md2_rerank")
     assert not (run.dir("md2_rerank") / "model").exists()  # not a retriever
+
+
+def test_fusion_bm25_feature_comes_from_corpus_statistics_saved_for_the_service(run):
+    """The fusion's BM25 feature: per pair from the corpus's statistics (equal to the BM25 index's scores),
+    counted once into RUN_DIR/bm25_stats, which the service reads instead of building an index."""
+    from rocketqa_ray.retrieval.bm25_stats import STATS_DIR, CorpusStats
+    from rocketqa_ray.serving.artifacts import find_artifacts
+
+    run("md2_rerank")
+    ctx = run.ctx
+    stats_dir = ctx.run_dir / STATS_DIR
+    saved = CorpusStats.load(stats_dir)
+    assert saved.n_docs == len(ctx.corpus) and saved.stem == run.cfg.bm25.stem
+    pairs = [(q, p) for q in ctx.splits.test[:5] for p in list(ctx.corpus)[:7]]
+    got = ctx.bm25_scores(pairs)
+    for q in ctx.splits.test[:5]:
+        pids = [p for qq, p in pairs if qq == q]
+        np.testing.assert_allclose([got[(q, p)] for p in pids], ctx.bm25.score(ctx.qtext(q), pids), rtol=1e-5,
+                                   atol=1e-6)
+    # a new context of the same run reads them back instead of counting again
+    fresh = Context(run.cfg, ctx.run_dir)
+    before = (stats_dir / "bm25_df.parquet").stat().st_mtime_ns
+    assert fresh.bm25_scores(pairs[:3]) == {k: got[k] for k in pairs[:3]}
+    assert (stats_dir / "bm25_df.parquet").stat().st_mtime_ns == before
+    if (ctx.run_dir / "config.json").exists():
+        assert find_artifacts(ctx.run_dir).bm25_stats == stats_dir

@@ -123,7 +123,8 @@ def calibrate(ctx: Context, cfg: Config, raw: Path, calib: list[str], pos: dict[
         dense = dense_scores(ctx, "md0", pairs)
         lexical = None
         if cfg.cross.fusion_bm25:
-            lexical = ctx.bm25.score_pairs(pairs, {q: ctx.qtext(q) for q, _ in pairs})
+            bm25 = ctx.bm25_scores(pairs)
+            lexical = np.array([bm25[x] for x in pairs])
         fusion = fit_fusion(calibrated, dense, labels, lexical)
         qids = [q for q, _ in pairs]
         stats.update({"fusion": {k: round(v, 4) for k, v in fusion.to_dict().items()},
