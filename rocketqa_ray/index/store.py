@@ -1,4 +1,6 @@
-"""Saving and loading a DenseIndex: `meta.json` (written last), `ids.json`, one `shard_XXXXX.faiss` per shard.
+"""Saving and loading a DenseIndex: `meta.json` (written last), `ids.parquet` (one string column, in vector order:
+columnar, so a reader can take the rows of one shard without parsing the others; indexes of format 1 have
+`ids.json`, still read), one `shard_XXXXX.faiss` per shard.
 
 Loading checks everything it can before a search could go wrong: the format version, the query encoder's
 dimension and fingerprint against the ones the index was built with, every shard file, and that the
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def save_index(index: DenseIndex, path: str | Path) -> Path:
-    """Write `path/` = meta.json + ids.json + shard_XXXXX.faiss (CPU indexes), replacing it atomically."""
+    """Write `path/` = meta.json + ids.parquet + shard_XXXXX.faiss (CPU indexes), replacing it atomically."""
     faiss = load_faiss()
     path = Path(path)
     meta = index.meta
@@ -30,9 +32,38 @@ def save_index(index: DenseIndex, path: str | Path) -> Path:
         # the CPU copies are the source of truth (GPU copies are made from them), so no gpu_to_cpu here
         for name, shard in zip(meta["files"], shards):
             faiss.write_index(shard, str(tmp / name))
-        write_json(tmp / "ids.json", index.ids)
+        write_ids(tmp / IDS_FILE, index.ids)
         write_json(tmp / "meta.json", meta)  # last: a directory with meta.json is complete
     return path
+
+
+IDS_FILE = "ids.parquet"
+LEGACY_IDS_FILE = "ids.json"  # format 1
+
+
+def write_ids(path: Path, ids: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), path)
+
+
+def read_ids(path: Path, hint: str) -> list[str]:
+    """The ids of an index folder, in vector order (from ids.parquet, or a format-1 folder's ids.json)."""
+    import pyarrow.parquet as pq
+
+    if not (path / IDS_FILE).exists() and (path / LEGACY_IDS_FILE).exists():
+        try:
+            ids = read_json(path / LEGACY_IDS_FILE)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}/{LEGACY_IDS_FILE} is corrupt ({e}): {hint}") from None
+        if not isinstance(ids, list):
+            raise DataError(f"{path}/{LEGACY_IDS_FILE} is corrupt (not a list): {hint}")
+        return ids
+    try:
+        return pq.read_table(path / IDS_FILE, columns=["id"]).column("id").to_pylist()
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"{path}/{IDS_FILE} is missing or corrupt ({str(e).splitlines()[0][:200]}): {hint}") from None
 
 
 def load_index(path: str | Path, expect_dim: int | None = None, expect_fingerprint: str | None = None,
@@ -81,12 +112,7 @@ def load_index(path: str | Path, expect_dim: int | None = None, expect_fingerpri
     if cfg is not None:
         base.nprobe, base.ef_search = cfg.nprobe, cfg.ef_search
         base.refine_k_factor, base.use_gpu = cfg.refine_k_factor, cfg.use_gpu
-    try:
-        ids = read_json(path / "ids.json")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}/ids.json is missing or corrupt ({e}): {hint}") from None
-    if not isinstance(ids, list):
-        raise DataError(f"{path}/ids.json is corrupt (not a list): {hint}")
+    ids = read_ids(path, hint)
 
     shards = []
     for name in files:

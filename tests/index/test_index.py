@@ -196,7 +196,7 @@ def test_save_load_round_trip(tmp_path, data, kind):
     idx = DenseIndex.build(emb, ids, cfg, model_fingerprint="fp-a")
     out = idx.save(tmp_path / "ix")
     assert sorted(p.name for p in out.iterdir()) == [
-        "ids.json",
+        "ids.parquet",
         "meta.json",
         "shard_00000.faiss",
         "shard_00001.faiss",
@@ -241,6 +241,13 @@ def test_load_mismatches_are_clear(tmp_path, data):
         DenseIndex.load(out)
 
     out2 = DenseIndex.build(emb[:200], ids[:200], IndexConfig(use_gpu="false")).save(tmp_path / "ix2")
+    (out2 / "ids.parquet").write_bytes((out2 / "ids.parquet").read_bytes()[:100])
+    with pytest.raises(DataError, match="ids.parquet is missing or corrupt"):
+        DenseIndex.load(out2)
+    # a format-1 index (ids.json) still loads, and its ids are checked against the vectors the same way
+    (out2 / "ids.parquet").unlink()
+    (out2 / "ids.json").write_text(json.dumps(ids[:200]))
+    assert DenseIndex.load(out2).ids == ids[:200]
     (out2 / "ids.json").write_text(json.dumps(ids[:150]))
     with pytest.raises(DataError, match="200 vectors but 150 ids"):
         DenseIndex.load(out2)
