@@ -75,8 +75,9 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
         lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {paper if paper is not None else ''} | {secs if secs is not None else ''} |")
     lines += ["", "The paper's figures are MS MARCO dev MRR@10 (x100), shown for the expected ordering only.",
-              "Held-out dev: step 4's unlabelled questions, scored against their hidden labels by the stages that "
-              "never train on them (choose settings with it, not with the test split).", ""]
+              "Held-out dev: training questions held out with their labels (`data.dev_fraction`), which no stage "
+              "trains on (without a dev split: step 4's unlabelled questions, for the stages before step 4). Choose "
+              "settings with it, not with the test split.", ""]
     lines += checks_section(stats) + budget_line(report.get("budget", {}))
     for name, st in stats.items():
         if not st:
