@@ -45,7 +45,8 @@ def test_unlabeled_file_replaces_the_pseudo_fraction(mini_data_dir, tmp_path):
     s = split_questions(data, DataConfig(path=mini_data_dir, pseudo_fraction=0.3, unlabeled_queries=str(f)))
     assert s.pseudo == sorted(f"u{i}" for i in range(7))
     assert s.unlabeled_texts["u3"] == "question 3?"
-    assert set(s.train) == set(data.split("train"))  # no labelled question is hidden when a file is given
+    # no labelled question is hidden when a file is given; only the dev split is held out
+    assert s.dev and set(s.train) | set(s.dev) == set(data.split("train")) and not set(s.train) & set(s.dev)
 
 
 def test_no_training_question_left_is_an_error(mini_data_dir):
