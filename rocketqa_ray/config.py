@@ -90,6 +90,12 @@ class DualTrainConfig:
     bf16: AutoBool = setting("auto", help="bf16 autocast; auto = on a CPU with avx512_bf16 or on CUDA")
     checkpoint_every: int = setting(0, ge=0, help="checkpoint every this many steps; 0 = only at the end of each epoch")
     log_every: int = setting(10, ge=1, help="log the loss every this many steps")
+    eval_every: int = setting(0, ge=0, help="score the held-out groups every this many steps (and before training), "
+                              "keep the best model, stop early after `patience` evaluations without gain; 0 = off")
+    patience: int = setting(3, ge=0, help="evaluations without improvement that stop training (not before min_steps); "
+                            "0 = never stop early, still keep the best")
+    min_delta: float = setting(0.0, ge=0, help="an improvement of the held-out MRR@10 must exceed this")
+    val_groups: int = setting(256, ge=1, help="held-out groups scored at each evaluation (dev questions: positive + BM25 negatives)")
     init: DualInit = setting("base", help="steps 3/4 start from the base model (paper) or continue from the "
                              "previous dual encoder")
     continue_epochs: float | None = setting(None, gt=0, help="epochs for a stage that continues from the previous "
@@ -125,6 +131,12 @@ class CrossConfig:
     max_steps: int | None = setting(None, ge=1, help="stop after this many steps (None = epochs decide)")
     min_steps: int = setting(0, ge=0, help="train at least this many steps, in more epochs when the data is small "
                              "(a floor for small data sets)")
+    eval_every: int = setting(0, ge=0, help="score the held-out groups every this many steps (and before training), "
+                              "keep the best model, stop early after `patience` evaluations without gain; 0 = off")
+    patience: int = setting(3, ge=0, help="evaluations without improvement that stop training (not before min_steps); "
+                            "0 = never stop early, still keep the best")
+    min_delta: float = setting(0.0, ge=0, help="an improvement of the held-out MRR@10 must exceed this")
+    val_groups: int = setting(256, ge=1, help="held-out groups scored at each evaluation (the calibration groups, which training never sees)")
     warmup_ratio: float = setting(0.1, ge=0, lt=1, help="fraction of the steps with a linear learning-rate warm-up")
     num_negatives: int = setting(3, ge=1, help="negatives per positive, sampled from M_D0's top mining.top_k")
     length_buckets: int = setting(4, ge=1, help="forward pairs in this many length-sorted chunks (less padding); "

@@ -112,6 +112,11 @@ def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Pa
     return load_scores(out)
 
 
+# negatives per held-out group of early stopping: enough that the positive's rank says something, few enough to
+# score every `eval_every` steps
+VAL_NEGATIVES = 7
+
+
 def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], init: Path | None = None) -> Path:
     """Write the examples (once) and train a dual encoder on Ray Train into d/model; a stage that continues from
     a previous dual encoder (`init`) trains for `dual.continue_epochs` / `continue_min_steps` when set."""
@@ -127,7 +132,46 @@ def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], ini
     ex = d / "train_examples.parquet"
     if not ex.exists():
         write_examples(rows, ex)
-    return Path(train_dual(cfg, str(ex), str(d), init_model=str(init) if init else None, name=d.name))
+    val = dev_groups(ctx, cfg.dual.val_groups) if cfg.dual.eval_every > 0 else None
+    return Path(train_dual(cfg, str(ex), str(d), init_model=str(init) if init else None, name=d.name, val_rows=val))
+
+
+def training_summary(out_dir: Path) -> dict:
+    """What a stage's training did, for its stats: steps, and with early stopping the step kept and the held-out
+    figure there."""
+    from rocketqa_ray.train.launch import read_history, read_validation
+
+    hist, val = read_history(out_dir), read_validation(out_dir)
+    out: dict = {"trained_steps": hist[-1]["step"]} if hist else {}
+    if val:
+        out["early_stopping"] = {k: val[k] for k in ("best_step", "best_val_mrr@10", "evaluations", "stopped_early")
+                                 if k in val}
+    return out
+
+
+def bm25_negatives(ctx: Context, qids: list[str], n: int) -> RankedIds:
+    """BM25's top `n` passages per question, its labelled positives excluded."""
+    from rocketqa_ray.rocketqa.negatives import exclude_gold
+
+    qrels = ctx.train_qrels
+    extra = max((len(qrels.get(q, {})) for q in qids), default=0)
+    idx, _ = ctx.bm25.search([ctx.qtext(q) for q in qids], k=n + extra)
+    ranked = {q: [ctx.bm25.ids[j] for j in row] for q, row in zip(qids, idx)}
+    return exclude_gold(ranked, qrels, n)
+
+
+def dev_groups(ctx: Context, limit: int) -> list[dict]:
+    """Held-out groups for a dual encoder's early stopping: up to `limit` dev questions, each with its gold
+    positive and BM25's top `VAL_NEGATIVES` other passages (the same for every dual-encoder stage, so the
+    stages' curves compare)."""
+    qrels = ctx.train_qrels
+    qids = [q for q in ctx.splits.dev if q in qrels][:limit]
+    if not qids:
+        return []
+    pos = gold_positive(ctx, qids)
+    negs = bm25_negatives(ctx, qids, VAL_NEGATIVES)
+    return [{"qid": q, "query": ctx.qtext(q), "positive_id": pos[q], "positive": ctx.ptext(pos[q]),
+             "negative_ids": negs.get(q, []), "negatives": [ctx.ptext(p) for p in negs.get(q, [])]} for q in qids]
 
 
 def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,

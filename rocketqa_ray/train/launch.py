@@ -9,6 +9,7 @@ trained with other settings, examples or starting model is refused (`train_spec.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from rocketqa_ray.data.examples import check_examples, parquet_files
 from rocketqa_ray.errors import ConfigError, DataError, user_error
 from rocketqa_ray.io import atomic_dir, read_json, write_json
 from rocketqa_ray.modeling.base import model_fingerprint
-from rocketqa_ray.train.loop import HISTORY_FILE, PROGRESS_FILE, StepHook, worker_loop
+from rocketqa_ray.train.loop import HISTORY_FILE, PROGRESS_FILE, VALIDATION_FILE, StepHook, worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,12 @@ def _files_digest(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _run_spec(kind: str, cfg: Config, files: list[Path], init_model: str | None) -> dict:
+def _run_spec(kind: str, cfg: Config, files: list[Path], init_model: str | None, val_rows: list[dict]) -> dict:
     sections = ("model", "dual") if kind == "dual" else ("cross",)
     conf = stable_sections(cfg, *sections)
+    val = hashlib.sha1(json.dumps(val_rows, sort_keys=True).encode()).hexdigest()[:16] if val_rows else None
     return {"task": kind, "config": conf, "num_workers": cfg.ray.num_workers, "examples": _files_digest(files),
-            "init_model": model_fingerprint(init_model) if init_model else None}
+            "init_model": model_fingerprint(init_model) if init_model else None, "validation": val}
 
 
 def training_steps(epochs: float, steps_per_epoch: int, min_steps: int = 0, max_steps: int | None = None) -> int:
@@ -57,7 +59,7 @@ def training_steps(epochs: float, steps_per_epoch: int, min_steps: int = 0, max_
 
 
 def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path, init_model: str | None,
-         name: str, step_hook: StepHook | None) -> Path:
+         name: str, step_hook: StepHook | None, val_rows: list[dict] | None = None) -> Path:
     out_dir = Path(out_dir).resolve()
     model_dir = out_dir / "model"
     files = parquet_files(examples_path)
@@ -76,7 +78,9 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
     total = training_steps(tcfg.epochs, steps_per_epoch, tcfg.min_steps, tcfg.max_steps)
     num_negatives = min(cfg.dual.num_hard_negatives, info["max_negatives"]) if kind == "dual" else info["max_negatives"]
 
-    spec = _run_spec(kind, cfg, files, init_model)
+    # held-out groups for early stopping, in the training rows' format (bounded: they travel to every worker)
+    val_rows = list(val_rows or [])[: tcfg.val_groups] if tcfg.eval_every > 0 else []
+    spec = _run_spec(kind, cfg, files, init_model, val_rows)
     spec_path = out_dir / SPEC_FILE
     if spec_path.exists() and read_json(spec_path) != spec:
         raise ConfigError(f"{out_dir} holds a {kind} training run with other settings, examples or starting "
@@ -106,12 +110,14 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
     loop_config = {
         "task": kind, "cfg": cfg.to_dict(), "init_model": str(init_model) if init_model else None, "name": name,
         "rows": info["rows"], "steps_per_epoch": steps_per_epoch, "total_steps": total,
-        "num_negatives": num_negatives, "step_hook": step_hook,
+        "num_negatives": num_negatives, "step_hook": step_hook, "val_rows": val_rows,
         # out_dir is Ray Train's storage path, so the workers can reach it (shared storage on a cluster)
         "progress_file": str(out_dir / PROGRESS_FILE),
     }
-    log.info("%s: %d examples, %d workers x batch %d, %d steps (%d per epoch)%s", name, info["rows"], workers,
+    log.info("%s: %d examples, %d workers x batch %d, %d steps (%d per epoch)%s%s", name, info["rows"], workers,
              tcfg.batch_size, total, steps_per_epoch,
+             f", {len(val_rows)} held-out groups every {tcfg.eval_every} steps (patience {tcfg.patience})"
+             if val_rows else "",
              f", {num_negatives} hard negatives/query, cross-batch {'on' if cfg.dual.cross_batch else 'off'}"
              if kind == "dual" else "")
     trainer = TorchTrainer(
@@ -144,31 +150,41 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
             raise RuntimeError(f"{name}: the last checkpoint {result.checkpoint.path} has no exported model")
         with atomic_dir(model_dir) as tmp:
             shutil.copytree(Path(d) / "model", tmp, dirs_exist_ok=True)
-        if (Path(d) / HISTORY_FILE).exists():
-            shutil.copy(Path(d) / HISTORY_FILE, out_dir / HISTORY_FILE)
+        for f in (HISTORY_FILE, VALIDATION_FILE):
+            if (Path(d) / f).exists():
+                shutil.copy(Path(d) / f, out_dir / f)
     log.info("%s: trained in %.0f s, model in %s", name, time.time() - t0, model_dir)
     return model_dir
 
 
 def train_dual(cfg: Config, examples_path: str | Path, out_dir: str | Path, init_model: str | None = None,
-               name: str = "md0", *, step_hook: StepHook | None = None) -> Path:
+               name: str = "md0", *, step_hook: StepHook | None = None, val_rows: list[dict] | None = None) -> Path:
     """Train a dual encoder on Ray Train; returns `out_dir/model` (a sentence-transformers folder).
 
     Starts from `init_model` (a saved dual encoder) or `cfg.model.base`. Calling it again with the same
     arguments resumes an interrupted run from its last checkpoint in `out_dir/ray_train`, or returns the
     finished model. `out_dir/history.json` holds the logged metrics (step, loss, lr, seq/s, ...).
+    `val_rows` (rows like the training rows, all their negatives ranked) are the held-out groups of early stopping
+    (`dual.eval_every`); `out_dir/validation.json` then holds each evaluation and the step exported.
     """
-    return _fit("dual", cfg, examples_path, out_dir, init_model, name, step_hook)
+    return _fit("dual", cfg, examples_path, out_dir, init_model, name, step_hook, val_rows)
 
 
 def train_cross(cfg: Config, examples_path: str | Path, out_dir: str | Path, name: str = "mc", *,
-                init_model: str | None = None, step_hook: StepHook | None = None) -> Path:
+                init_model: str | None = None, step_hook: StepHook | None = None,
+                val_rows: list[dict] | None = None) -> Path:
     """Train the cross-encoder (`cfg.cross.loss` over question groups) from `cfg.cross.base`; returns `out_dir/model`
     (loadable by `sentence_transformers.CrossEncoder`). Resumes like `train_dual`."""
-    return _fit("cross", cfg, examples_path, out_dir, init_model, name, step_hook)
+    return _fit("cross", cfg, examples_path, out_dir, init_model, name, step_hook, val_rows)
 
 
 def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
     """The metrics a finished run logged, oldest first."""
     path = Path(out_dir) / HISTORY_FILE
     return read_json(path) if path.exists() else []
+
+
+def read_validation(out_dir: str | Path) -> dict[str, Any]:
+    """A finished run's held-out evaluations and the step it exported ({} when it did not validate)."""
+    path = Path(out_dir) / VALIDATION_FILE
+    return read_json(path) if path.exists() else {}

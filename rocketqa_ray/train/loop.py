@@ -14,6 +14,10 @@ separately, which DDP's per-forward hooks do not fit.
 
 Checkpoint rule: every `checkpoint_every` steps (0: at the end of each epoch) and at the last step, which
 also exports the model; metrics-only reports are throttled (`REPORT_MIN_INTERVAL_S`).
+
+Validation (`train.validation`): with held-out groups (`val_rows`) and `eval_every` > 0, the model is scored on
+them before training and every `eval_every` steps; after `patience` evaluations without improvement (and not
+before `min_steps`) training stops, and the exported model is the best evaluated one, not the last.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from rocketqa_ray.distributed import allreduce_grads, sync_log
 from rocketqa_ray.io import write_json
 from rocketqa_ray.modeling.base import use_bf16
 from rocketqa_ray.train.tasks import TASKS
+from rocketqa_ray.train.validation import EarlyStopping, sum_over_workers, worker_slice
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ STATE_FILE = "state.pt"
 # apart (log lines and history.json still get every `log_every` step).
 REPORT_MIN_INTERVAL_S = 10.0
 HISTORY_FILE = "history.json"
+VALIDATION_FILE = "validation.json"
 # Rank 0 publishes its step here for the driver's progress line (`console.follow_progress`), at most this often.
 PROGRESS_FILE = "train_progress.json"
 PROGRESS_WRITE_INTERVAL_S = 2.0
@@ -107,6 +113,10 @@ def worker_loop(config: dict) -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total), total)
 
     step, history = 0, []
+    val_rows = worker_slice(config.get("val_rows") or [], rank, size)
+    validating = bool(config.get("val_rows")) and tcfg.eval_every > 0
+    early = EarlyStopping(patience=tcfg.patience, min_delta=tcfg.min_delta)
+    stopped = False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -115,12 +125,31 @@ def worker_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state.get("history", []))
+        early.load_state_dict(state.get("early", {}))
+        stopped = bool(state.get("stopped", False))
         if rank == 0:
             log.info("%s: resuming from the checkpoint at step %d/%d", name, step, total)
 
     def save_state(d: Path) -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "history": history}, d / STATE_FILE)
+                    "scheduler": scheduler.state_dict(), "step": step, "history": history,
+                    "early": early.state_dict(), "stopped": stopped}, d / STATE_FILE)
+
+    def validate() -> bool:
+        """Score the held-out groups (all workers together); True when training should stop."""
+        model.eval()
+        t0 = time.perf_counter()
+        sums = sum_over_workers(task.validate(model, val_rows, device, bf16), device)
+        model.train()
+        n = max(float(sums[2]), 1.0)
+        m = {"val_mrr@10": round(float(sums[0]) / n, 4), "val_top1": round(float(sums[1]) / n, 4),
+             "val_groups": int(sums[2]), "val_s": round(time.perf_counter() - t0, 1)}
+        stop = early.update(step, m, model if rank == 0 else None) and step >= tcfg.min_steps
+        if rank == 0:
+            log.info("%s step %d/%d held-out groups: MRR@10 %.4f top-1 %.4f (best %.4f at step %d)%s", name, step,
+                     total, m["val_mrr@10"], m["val_top1"], early.best, early.best_step,
+                     f"; no improvement in {early.bad_evals} evaluations, stopping" if stop else "")
+        return stop
 
     def report(metrics: dict, checkpoint: bool, final: bool = False) -> None:
         if not checkpoint:
@@ -132,6 +161,12 @@ def worker_loop(config: dict) -> None:
                 save_state(Path(tmp))
                 if final:
                     meta = {"name": name, "steps": step, "workers": size, "final_metrics": metrics}
+                    if validating:
+                        meta["validation"] = {**early.summary(), "stopped_early": stopped}
+                        if early.best_step != step and early.restore_best(model):
+                            log.info("%s: exporting the best evaluated model (step %d), not the last (step %d)",
+                                     name, early.best_step, step)
+                        write_json(Path(tmp) / VALIDATION_FILE, {**meta["validation"], "history": early.history})
                     task.export(model, Path(tmp) / "model", meta)
                     write_json(Path(tmp) / HISTORY_FILE, history)
                 ck = ray.train.Checkpoint.from_directory(tmp)
@@ -148,7 +183,9 @@ def worker_loop(config: dict) -> None:
     t_report = t_progress = -math.inf
     last_loss: float | None = None
     t_start = time.perf_counter()
-    while step < total:
+    if validating and step == 0:
+        stopped = validate()  # the starting point: a continued model may already be the best
+    while step < total and not stopped:
         batches = shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=shuffle_buffer,
                                      local_shuffle_seed=tcfg.seed + epoch)
@@ -156,7 +193,7 @@ def worker_loop(config: dict) -> None:
         for i, table in enumerate(batches):
             if i < skip:
                 continue  # trained on before the checkpoint this run resumed from
-            if i >= steps_per_epoch or step >= total:
+            if i >= steps_per_epoch or step >= total or stopped:
                 break
             rows = table.slice(rank * tcfg.batch_size, tcfg.batch_size).to_pylist()
             t_step = time.perf_counter()
@@ -174,8 +211,11 @@ def worker_loop(config: dict) -> None:
             loss_n += 1
             compute_s += time.perf_counter() - t_step
 
+            if validating and (step % tcfg.eval_every == 0 or step == total):
+                stopped = validate()
             end_of_epoch = (i + 1) == steps_per_epoch
-            do_ckpt = step == total or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or (
+            last = step == total or stopped
+            do_ckpt = last or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or (
                 tcfg.checkpoint_every <= 0 and end_of_epoch)
             if step % max(1, tcfg.log_every) == 0 or do_ckpt:
                 now = time.perf_counter()
@@ -200,14 +240,14 @@ def worker_loop(config: dict) -> None:
                              metrics["epoch"], metrics["loss"], metrics["lr"], metrics["seq_per_s"],
                              fmt_duration(metrics["eta_s"]))
                 if do_ckpt or due:
-                    report(metrics, checkpoint=do_ckpt, final=step == total)
+                    report(metrics, checkpoint=do_ckpt, final=last)
                     t_report = time.perf_counter()
                 t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
                 cpu_last = time.process_time()
             elif step == start_step + 1:
                 # throughput without the first step's warm-up
                 t_last, step_last, cpu_last = time.perf_counter(), step, time.process_time()
-            due_progress = step == total or time.perf_counter() - t_progress >= PROGRESS_WRITE_INTERVAL_S
+            due_progress = last or time.perf_counter() - t_progress >= PROGRESS_WRITE_INTERVAL_S
             if rank == 0 and progress_file and due_progress:
                 t_progress = time.perf_counter()
                 try:
@@ -218,7 +258,7 @@ def worker_loop(config: dict) -> None:
                 hook(rank, step)
             t_fetch = time.perf_counter()
         epoch, skip = epoch + 1, 0
-    if start_step == total:
+    if start_step == total or (stopped and start_step == step):
         # Resumed from the last step's state (the previous attempt ended before its result was collected):
         # nothing to train, export again so this attempt has a final checkpoint too.
         report(dict(history[-1]) if history else {"step": step}, checkpoint=True, final=True)

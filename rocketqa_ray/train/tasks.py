@@ -23,6 +23,9 @@ from rocketqa_ray.modeling.base import autocast
 from rocketqa_ray.modeling.cross_encoder import CrossEncoder
 from rocketqa_ray.modeling.dual_encoder import DualEncoder
 from rocketqa_ray.train.gradcache import cached_backward
+from rocketqa_ray.train.validation import group_ranks, rank_sums
+
+VALIDATION_BATCH = 64  # sequences per forward when scoring held-out groups
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -30,6 +33,26 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _grid(groups: list[list[float]], labels: list[list[float]]) -> tuple[torch.Tensor, ...]:
+    width = max(len(g) for g in groups)
+    scores = torch.zeros(len(groups), width)
+    lab = torch.zeros(len(groups), width)
+    mask = torch.zeros(len(groups), width, dtype=torch.bool)
+    for i, (g, y) in enumerate(zip(groups, labels)):
+        scores[i, : len(g)] = torch.tensor(g)
+        lab[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(g)] = True
+    return scores, lab, mask
+
+
+def _split(flat: list[float], sizes: list[int]) -> list[list[float]]:
+    out, i = [], 0
+    for n in sizes:
+        out.append(flat[i : i + n])
+        i += n
+    return out
 
 
 def length_bucketed(lengths: list[int], buckets: int, run: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
@@ -130,6 +153,35 @@ class DualTask:
         loss.backward()
         return loss.detach()
 
+    @torch.no_grad()
+    def validate(self, model: DualEncoder, rows: list[dict], device: torch.device, bf16: bool) -> torch.Tensor:
+        """Rank each held-out question's positive among its group (positive + all its listed negatives) by
+        the dual encoder's similarity -> `rank_sums` of these rows."""
+        if not rows:
+            return rank_sums(torch.zeros(0, dtype=torch.long))
+        groups = [[r["positive"], *(r.get("negatives") or [])] for r in rows]
+        flat = [t for g in groups for t in g]
+
+        def encode(texts: list[str], kind: str) -> torch.Tensor:
+            out = []
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
+            for i in range(0, len(order), VALIDATION_BATCH):
+                idx = order[i : i + VALIDATION_BATCH]
+                f = {k: v.to(device) for k, v in model.tokenize([texts[j] for j in idx], kind).items()}
+                with autocast(bf16, device):
+                    e = model.encode_queries(f) if kind == "query" else model.encode_passages(f)
+                out.append(e.float().cpu())
+            emb = torch.cat(out)
+            return emb[torch.argsort(torch.tensor(order))]
+
+        q = encode([r["query"] for r in rows], "query")
+        p = encode(flat, "passage")
+        owner = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+        sims = (q[owner] * p).sum(-1).tolist()
+        scores, lab, mask = _grid(_split(sims, [len(g) for g in groups]),
+                                  [[1.0] + [0.0] * (len(g) - 1) for g in groups])
+        return rank_sums(group_ranks(scores, lab, mask))
+
     def export(self, model: DualEncoder, path: Path, meta: dict) -> None:
         model.save(path, extra_meta={"training": meta})
 
@@ -182,6 +234,24 @@ class CrossTask:
             loss = loss + bce_loss(logits, flat_labels)
         loss.backward()
         return loss.detach()
+
+    @torch.no_grad()
+    def validate(self, model: CrossEncoder, rows: list[dict], device: torch.device, bf16: bool) -> torch.Tensor:
+        """Rank each held-out group's passages by the cross-encoder's logit -> `rank_sums` of these rows."""
+        if not rows:
+            return rank_sums(torch.zeros(0, dtype=torch.long))
+        pairs = [(r["query"], p) for r in rows for p in r["passages"]]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        flat = [0.0] * len(pairs)
+        for i in range(0, len(order), VALIDATION_BATCH):
+            idx = order[i : i + VALIDATION_BATCH]
+            f = model.tokenize([pairs[j][0] for j in idx], [pairs[j][1] for j in idx])
+            with autocast(bf16, device):
+                logits = model({k: v.to(device) for k, v in f.items()}).tolist()
+            for j, v in zip(idx, logits):
+                flat[j] = v
+        scores, lab, mask = _grid(_split(flat, [len(r["passages"]) for r in rows]), [r["labels"] for r in rows])
+        return rank_sums(group_ranks(scores, lab, mask))
 
     def export(self, model: CrossEncoder, path: Path, meta: dict) -> None:
         model.save(path, extra_meta={"training": meta})

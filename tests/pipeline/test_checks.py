@@ -72,8 +72,8 @@ def test_a_starved_cross_encoder_fails_its_check_on_the_console_and_in_the_repor
 def test_denoising_falls_back_to_the_fused_score(starved_run):
     """md1's pool is what denoising with the fused score (M_C + M_D0 + BM25, fit for M_D0 on dev) keeps."""
     from rocketqa_ray.batch.score import load_scores
-    from rocketqa_ray.pipeline.shared import train_top
-    from rocketqa_ray.pipeline.stages.step3_md1 import bm25_negatives, fused_md0_scores
+    from rocketqa_ray.pipeline.shared import bm25_negatives, train_top
+    from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
     from rocketqa_ray.rocketqa.denoise import denoise
 
     p, _, _ = starved_run

@@ -93,7 +93,7 @@ def _parquet_rows(path: Path) -> list[dict]:
 
 def _bm25_pool(run: StageRunner) -> RankedIds:
     """md1's candidate pool, recomputed: md0's top `denoise_top` then BM25's negatives, deduplicated."""
-    from rocketqa_ray.pipeline.stages.step3_md1 import bm25_negatives
+    from rocketqa_ray.pipeline.shared import bm25_negatives
 
     m, ctx = run.cfg.mining, run.ctx
     top = read_json(run.dir("md0") / "train_top.json")

@@ -18,6 +18,7 @@ from rocketqa_ray.pipeline.shared import (
     heldout_eval,
     retrieve,
     train_dual_encoder,
+    training_summary,
 )
 from rocketqa_ray.rocketqa.negatives import exclude_gold
 
@@ -33,7 +34,7 @@ def train_md0(ctx: Context, cfg: Config, d: Path, mine: bool) -> StageResult:
     metrics, index = dense_eval(ctx, model_dir, d, d.name)
     stats = {"train_questions": len(train), "cross_batch": cfg.dual.cross_batch, "workers": cfg.ray.num_workers,
              "negatives_per_query": cfg.dual.batch_size * (cfg.ray.num_workers if cfg.dual.cross_batch else 1) - 1,
-             **heldout_eval(ctx, model_dir, index, d)}
+             **training_summary(d), **heldout_eval(ctx, model_dir, index, d)}
     if mine:  # the recipe's M_D0, not its ablation: it must improve on the untrained model
         stats.update(dual_encoder_check(ctx, d.name, "zero_shot", stats))
     if mine:

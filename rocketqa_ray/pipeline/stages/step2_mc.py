@@ -18,11 +18,13 @@ from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.reranking import rerank_eval
 from rocketqa_ray.pipeline.shared import (
+    VAL_NEGATIVES,
     ce_scores,
     dense_scores,
     gold_positive,
     start_ray,
     train_top,
+    training_summary,
 )
 from rocketqa_ray.rocketqa.negatives import sample_negatives
 
@@ -48,9 +50,15 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
         write_examples(build_cross_examples(queries, {q: pos[q] for q in parts["rest"]}, negs, ctx.ptext), ex)
     if c.init == "md0":  # M_D0's encoder, a new 1-logit head (from_base adds one to a dual-encoder folder)
         cfg = replace(cfg, cross=replace(c, base=str(ctx.stage_dir("md0") / "model")))
-    raw = train_cross(cfg, str(ex), str(d / "train"), name="mc")
+    # early stopping on the calibration groups (never trained on), with M_D0's hardest negatives: a positive
+    # among 3 sampled negatives is ranked first too often to tell one checkpoint from the next
+    top = train_top(ctx, "md0")
+    val = build_cross_examples(queries, {q: pos[q] for q in parts["calib"]},
+                               {q: top.get(q, [])[:VAL_NEGATIVES] for q in parts["calib"]}, ctx.ptext) \
+        if c.eval_every > 0 else None
+    raw = train_cross(cfg, str(ex), str(d / "train"), name="mc", val_rows=val)
     stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss,
-             "init": c.init}
+             "init": c.init, **training_summary(d / "train")}
     if not (d / "model").exists():
         stats.update(calibrate(ctx, cfg, raw, parts["calib"], pos, negs, d))
     elif (d / CALIBRATION).exists():

@@ -12,6 +12,7 @@ from rocketqa_ray.pipeline.checks import ce_fallback
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
+    bm25_negatives,
     ce_scores,
     dense_eval,
     dense_scores,
@@ -20,23 +21,14 @@ from rocketqa_ray.pipeline.shared import (
     heldout_eval,
     train_dual_encoder,
     train_top,
+    training_summary,
 )
 from rocketqa_ray.rocketqa.denoise import answer_rates, denoise
-from rocketqa_ray.rocketqa.negatives import exclude_gold
-from rocketqa_ray.types import PairScores, RankedIds
+from rocketqa_ray.types import PairScores
 
 # bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
 SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25")
 POOL = "hard_negative_pool.json"
-
-
-def bm25_negatives(ctx: Context, qids: list[str], n: int) -> RankedIds:
-    """BM25's top `n` passages per question, its labelled positives excluded."""
-    qrels = ctx.train_qrels
-    extra = max((len(qrels.get(q, {})) for q in qids), default=0)
-    idx, _ = ctx.bm25.search([ctx.qtext(q) for q in qids], k=n + extra)
-    ranked = {q: [ctx.bm25.ids[j] for j in row] for q, row in zip(qids, idx)}
-    return exclude_gold(ranked, qrels, n)
 
 
 def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult:
@@ -70,6 +62,7 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
     metrics, index = dense_eval(ctx, model_dir, d, d.name)
     stats["train_questions"] = len(rows)
+    stats.update(training_summary(d))
     heldout = heldout_eval(ctx, model_dir, index, d)
     stats.update(heldout)
     if denoised:

@@ -18,6 +18,7 @@ from rocketqa_ray.pipeline.shared import (
     heldout_eval,
     retrieve,
     train_dual_encoder,
+    training_summary,
 )
 from rocketqa_ray.rocketqa.pseudo_label import pseudo_label
 
@@ -65,5 +66,6 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     metrics, index = dense_eval(ctx, model_dir, d, "md2")
     heldout = heldout_eval(ctx, model_dir, index, d, trained_on_pseudo=True)
     stats.update(heldout)
+    stats.update(training_summary(d))
     stats.update(dual_encoder_check(ctx, "md2", "md1", heldout))
     return StageResult(metrics, stats)
