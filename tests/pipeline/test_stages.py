@@ -224,6 +224,22 @@ def test_bm25(run):
     assert all(0 < len(v) <= run.cfg.eval.depth for v in trec.values())
 
 
+def test_dev_groups_for_dual_encoder_early_stopping(run):
+    """Dev questions (never trained on) with their gold positive and BM25's top other passages, in BM25's order."""
+    from rocketqa_ray.pipeline.shared import VAL_NEGATIVES, dev_groups
+
+    ctx = run.ctx
+    groups = dev_groups(ctx, 5)
+    assert [g["qid"] for g in groups] == [q for q in ctx.splits.dev if q in ctx.train_qrels][:5]
+    assert not set(g["qid"] for g in groups) & set(ctx.splits.train)
+    idx, _ = ctx.bm25.search([g["query"] for g in groups], k=VAL_NEGATIVES + 1)
+    for g, row in zip(groups, idx):
+        assert g["positive_id"] in ctx.train_qrels[g["qid"]] and g["positive"] == ctx.ptext(g["positive_id"])
+        bm25 = [ctx.bm25.ids[j] for j in row if ctx.bm25.ids[j] not in ctx.train_qrels[g["qid"]]]
+        assert g["negative_ids"] == bm25[:VAL_NEGATIVES]
+        assert g["negatives"] == [ctx.ptext(p) for p in g["negative_ids"]]
+
+
 def test_bm25_stats_follow_its_config(small_data, tmp_path):
     cfg = _cfg(small_data, "bm25.stem=false", "bm25.k1=1.2", "bm25.b=0.75")
     ctx = Context(cfg, tmp_path)
@@ -358,6 +374,15 @@ def test_mc_calibrates_fuses_and_reranks_md0(run):
     assert meta["calibration"]["platt_a"] == a
     assert read_json(d / "calibration.json") == meta["calibration"]
     assert {"calib_top1_acc_dense", "calib_top1_acc_fused", "calib_top1_acc_bm25"} <= set(s)
+    # training was validated on the calibration groups (with M_D0's hardest negatives): before training and every
+    # eval_every steps; the model kept is the best of those
+    val = read_json(d / "train" / "validation.json")
+    assert [h["step"] for h in val["history"]] == list(range(0, cfg.cross.max_steps + 1, cfg.cross.eval_every))
+    assert all(h["val_groups"] == n_calib for h in val["history"])
+    best = max(val["history"], key=lambda h: h["val_mrr@10"])
+    assert val["best_step"] == best["step"] and s["early_stopping"]["best_step"] == best["step"]
+    assert s["trained_steps"] == cfg.cross.max_steps and val["stopped_early"] is False
+    assert read_meta(d / "train" / "model")["training"]["validation"]["best_step"] == best["step"]
     # M_C reranks md0's test top-k with a fusion fit for md0 on held-out dev, checked there
     assert s["scores"] == "fused" and s["fusion_features"] == "ce+dense+bm25"
     assert s["reranked_depth"] == cfg.eval.rerank_top_k
