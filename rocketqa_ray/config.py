@@ -115,6 +115,8 @@ class CrossConfig:
     max_len: int = setting(160, ge=8, help="question + passage length in tokens")
     lr: float = setting(5e-5, gt=0, help="peak learning rate (AdamW)")
     weight_decay: float = setting(0.01, ge=0, help="AdamW weight decay")
+    head_lr_scale: float = setting(1.0, gt=0, help="learning-rate multiple for the scoring head (pooler and "
+                                   "classifier), which starts untrained on top of a pretrained encoder")
     batch_size: int = setting(8, ge=1, help="question groups (1 positive + num_negatives) per worker per step")
     loss: CrossLoss = setting("listwise", help="listwise: softmax over each group (learns to rank fast); "
                               "bce: pointwise; listwise+bce: both")

@@ -7,6 +7,9 @@ from pathlib import Path
 from rocketqa_ray.io import atomic_path, write_text
 
 METRIC_ORDER = ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20")
+# stats shown in their own sections (or plot), not in a stage's statistics table
+OWN_SECTION = ("rerank_check", "check", "validation_curve")
+CURVES_PLOT = "training.png"
 
 
 def _metrics_present(stages: dict[str, dict]) -> list[str]:
@@ -41,6 +44,54 @@ def plot(stages: dict[str, dict], path: str | Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_curves(stats: dict[str, dict], path: str | Path) -> Path | None:
+    """Held-out MRR@10 against training step for each stage that validated while training (None if none did)."""
+    curves = {name: st["validation_curve"] for name, st in stats.items() if st.get("validation_curve")}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, curve in curves.items():
+        steps, vals = zip(*curve)
+        line, = ax.plot(steps, vals, marker="o", ms=3, label=name)
+        best = stats[name].get("early_stopping", {}).get("best_step")
+        if best is not None and best in steps:
+            ax.plot([best], [vals[steps.index(best)]], marker="*", ms=12, color=line.get_color())
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out groups MRR@10")
+    ax.set_title("validation while training (star: the step kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def training_section(stats: dict[str, dict]) -> list[str]:
+    """How long each model trained, and with early stopping which step was kept and why."""
+    rows = [(name, st) for name, st in stats.items() if "trained_steps" in st]
+    if not rows:
+        return []
+    out = ["## Training", ""]
+    for name, st in rows:
+        es = st.get("early_stopping")
+        line = f"- {name}: {st['trained_steps']} steps"
+        if es:
+            how = "stopped early (patience)" if es.get("stopped_early") else "ran to its last step"
+            line += (f", {how}; the model kept is step {es['best_step']}'s (held-out groups MRR@10 "
+                     f"{es['best_val_mrr@10']:.3f}, best of {es['evaluations']} evaluations)")
+        out.append(line + ".")
+    if any(st.get("validation_curve") for _, st in rows):
+        out += ["", f"![held-out MRR@10 while training]({CURVES_PLOT})"]
+    return [*out, ""]
 
 
 def markdown(report: dict, plot_name: str = "report.png") -> str:
@@ -78,7 +129,7 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
               "Held-out dev: training questions held out with their labels (`data.dev_fraction`), which no stage "
               "trains on (without a dev split: step 4's unlabelled questions, for the stages before step 4). Choose "
               "settings with it, not with the test split.", ""]
-    lines += checks_section(stats) + budget_line(report.get("budget", {}))
+    lines += checks_section(stats) + training_section(stats) + budget_line(report.get("budget", {}))
     for name, st in stats.items():
         if not st:
             continue
@@ -86,7 +137,7 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
         if "rerank_check" in st:
             lines += rerank_section(st)
         lines += ["| statistic | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in st.items() if k not in ("rerank_check", "check")]
+        lines += [f"| {k} | {v} |" for k, v in st.items() if k not in OWN_SECTION]
         lines.append("")
     return "\n".join(lines)
 
@@ -144,4 +195,5 @@ def write_reports(report: dict, run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     if report["stages"]:
         plot(report["stages"], run_dir / "report.png")
+    plot_curves(report.get("stats", {}), run_dir / CURVES_PLOT)
     write_text(run_dir / "report.md", markdown(report))

@@ -146,6 +146,7 @@ def training_summary(out_dir: Path) -> dict:
     if val:
         out["early_stopping"] = {k: val[k] for k in ("best_step", "best_val_mrr@10", "evaluations", "stopped_early")
                                  if k in val}
+        out["validation_curve"] = [[h["step"], h["val_mrr@10"]] for h in val.get("history", [])]
     return out
 
 

@@ -16,7 +16,7 @@ Checkpoint rule: every `checkpoint_every` steps (0: at the end of each epoch) an
 also exports the model; metrics-only reports are throttled (`REPORT_MIN_INTERVAL_S`).
 
 Validation (`train.validation`): with held-out groups (`val_rows`) and `eval_every` > 0, the model is scored on
-them before training and every `eval_every` steps; after `patience` evaluations without improvement (and not
+them every `eval_every` steps and at the last (and before training when it starts from a trained model); after `patience` evaluations without improvement (and not
 before `min_steps`) training stops, and the exported model is the best evaluated one, not the last.
 """
 
@@ -60,15 +60,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1009 + rank) % (2**63)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights (BERT convention)."""
-    decay, no_decay = [], []
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head: tuple[str, ...] = (),
+                   head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (BERT convention); parameters whose name contains
+    one of `head` learn at `head_lr_scale` times `lr` (a freshly initialised head on a pretrained encoder)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        no_decay = p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name
+        groups.setdefault((no_decay, any(h in name for h in head)), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": 0.0 if nd else weight_decay,
+                               "lr": lr * (head_lr_scale if is_head else 1.0)}
+                              for (nd, is_head), ps in sorted(groups.items())], lr=lr)
 
 
 # ------------------------------------------------------------------------------------ the worker loop
@@ -109,7 +113,7 @@ def worker_loop(config: dict) -> None:
     model = task.build(config.get("init_model")).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay)
+    optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay, task.head, getattr(tcfg, "head_lr_scale", 1.0))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total), total)
 
     step, history = 0, []
@@ -183,8 +187,8 @@ def worker_loop(config: dict) -> None:
     t_report = t_progress = -math.inf
     last_loss: float | None = None
     t_start = time.perf_counter()
-    if validating and step == 0:
-        stopped = validate()  # the starting point: a continued model may already be the best
+    if validating and step == 0 and config.get("init_model"):
+        stopped = validate()  # a model that continues training may already be the best (a fresh one never is)
     while step < total and not stopped:
         batches = shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=shuffle_buffer,

@@ -78,6 +78,7 @@ class DualTask:
     """Dual-encoder batches: tokenise, encode (optionally with gradient caching), contrastive loss, backward."""
 
     kind = "dual"
+    head: tuple[str, ...] = ()  # no freshly initialised layers
 
     def __init__(self, cfg: Config, num_negatives: int):
         self.cfg = cfg
@@ -196,6 +197,9 @@ class CrossTask:
     """Cross-encoder batches: question groups (a positive and its negatives) -> logits -> listwise and/or BCE loss."""
 
     kind = "cross"
+    # the scoring head on top of an encoder (BERT's pooler and classifier): new, or barely trained in a
+    # sentence-transformers checkpoint, so it learns at cross.head_lr_scale x the encoder's rate
+    head: tuple[str, ...] = (".pooler.", "classifier.")
 
     def __init__(self, cfg: Config, num_negatives: int = 0):
         self.cfg = cfg

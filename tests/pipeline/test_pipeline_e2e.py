@@ -68,6 +68,11 @@ def test_full_pipeline_resumes_after_interruption(tmp_path):
     assert "pseudo_coverage" in report["stats"]["md2"]
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the tiny preset validates the cross-encoder while it trains: the report says which step was kept, and plots it
+    es = report["stats"]["mc"]["early_stopping"]
+    assert f"- mc: {report['stats']['mc']['trained_steps']} steps" in (out / "report.md").read_text()
+    assert f"the model kept is step {es['best_step']}'s" in (out / "report.md").read_text()
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # exported models load with sentence-transformers
     from sentence_transformers import CrossEncoder, SentenceTransformer
 

@@ -348,3 +348,21 @@ def test_min_steps_trains_more_epochs_on_small_data(ray_session, dual_examples, 
     train_dual(cfg, dual_examples, tmp_path / "md", name="min_steps")
     history = read_history(tmp_path / "md")
     assert history[-1]["step"] == 9 and history[-1]["epoch"] == pytest.approx(9 / per_epoch, abs=1e-3)
+
+
+def test_the_cross_encoders_head_learns_at_its_own_rate():
+    """cross.head_lr_scale: the pooler and classifier (fresh on a pretrained encoder) get lr x scale, the encoder
+    lr; biases and LayerNorm weights never decay."""
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
+    from rocketqa_ray.train.loop import make_optimizer
+    from rocketqa_ray.train.tasks import CrossTask
+
+    model = CrossEncoder.from_base("tiny", 64)
+    opt = make_optimizer(model, 1e-4, 0.01, CrossTask.head, 20.0)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        is_head = ".pooler." in name or "classifier." in name
+        assert g["lr"] == pytest.approx(2e-3 if is_head else 1e-4), name
+        assert g["weight_decay"] == (0.0 if p.dim() < 2 or "LayerNorm" in name else 0.01), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

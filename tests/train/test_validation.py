@@ -115,9 +115,9 @@ def test_dual_validation_equals_encoding_each_text(data):
 # ------------------------------------------------------------------------------------- in Ray Train
 @pytest.mark.slow
 def test_training_stops_early_and_exports_the_best_evaluated_model(ray_session, data, tmp_path):
-    """Two workers; an improvement must exceed 1.0 (never), patience 1: training stops at the first evaluation
-    after the start, and the exported model is the one before any step (the best evaluated), not the last.
-    The step-0 figure of two workers equals one process's validation of the same model."""
+    """Two workers continue a saved cross-encoder; an improvement must exceed 1.0 (never), patience 1: training
+    stops at the first evaluation after the start, and the exported model is the starting one (the best
+    evaluated), not the last. The step-0 figure of two workers equals one process's validation of that model."""
     from rocketqa_ray.modeling.cross_encoder import CrossEncoder
     from rocketqa_ray.train.launch import read_history, read_validation, train_cross
 
@@ -125,14 +125,16 @@ def test_training_stops_early_and_exports_the_best_evaluated_model(ray_session, 
     val = _cross_rows(data, 30, offset=200)
     cfg = load_config("tiny", overrides=["cross.max_steps=20", "cross.batch_size=4", "cross.eval_every=3",
                                          "cross.patience=1", "cross.min_delta=1.0", "cross.log_every=1",
-                                         "cross.lr=5e-3"])
-    model_dir = train_cross(cfg, str(tmp_path / "cross.parquet"), str(tmp_path / "mc"), val_rows=val)
+                                         "cross.lr=5e-3", "cross.head_lr_scale=10"])
+    torch.manual_seed(0)
+    CrossTask(cfg).build(None).save(tmp_path / "start")
+    model_dir = train_cross(cfg, str(tmp_path / "cross.parquet"), str(tmp_path / "mc"), val_rows=val,
+                            init_model=str(tmp_path / "start"))
     v = read_validation(tmp_path / "mc")
     assert v["stopped_early"] and v["best_step"] == 0
     assert [h["step"] for h in v["history"]] == [0, 3]
     assert read_history(tmp_path / "mc")[-1]["step"] == 3  # stopped, not the 20 steps asked for
-    torch.manual_seed(cfg.cross.seed)
-    start = CrossTask(cfg).build(None).eval()
+    start = CrossEncoder.load(tmp_path / "start").eval()
     exported = CrossEncoder.load(model_dir)
     for name, t in start.model.state_dict().items():
         torch.testing.assert_close(exported.model.state_dict()[name], t, msg=name)
