@@ -255,7 +255,10 @@ def worker_loop(config: dict) -> None:
             if rank == 0 and progress_file and due_progress:
                 t_progress = time.perf_counter()
                 try:
-                    write_progress(progress_file, step, total, **({} if last_loss is None else {"loss": last_loss}))
+                    extra = {} if last_loss is None else {"loss": last_loss}
+                    if early.best is not None:
+                        extra["held-out MRR@10 best"] = f"{early.best:.3f} (step {early.best_step})"
+                    write_progress(progress_file, step, total, **extra)
                 except OSError as e:  # the progress line is a convenience; training goes on without it
                     log.debug("progress file %s: %s", progress_file, e)
             if hook is not None:
