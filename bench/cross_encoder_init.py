@@ -69,7 +69,7 @@ def collect(work: Path) -> dict:
     return out
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +85,7 @@ def plot(results: dict, path: Path) -> None:
                           f"(M_D0 {dev.get('retriever_mrr@10', float('nan')):.3f})")
     ax.set_xlabel("training step (8 question groups of 4 pairs each)")
     ax.set_ylabel("calibration groups MRR@10 (1 + 7 negatives)")
-    ax.set_title("cross-encoder while training, squad-mini (same M_D0)")
+    ax.set_title(f"cross-encoder while training, {title} (same M_D0)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "data" / "squad-mini"), help="that run's dataset")
     ap.add_argument("--work", default="runs/cross_encoder_init", help="where the variants' runs go")
     ap.add_argument("--collect", help="only gather the finished variants under this folder into the results")
+    ap.add_argument("--results", default="cross_encoder_init", help="name of the results files in bench/results/")
+    ap.add_argument("--title", default="squad-mini", help="what the plot's title says the data is")
     args = ap.parse_args()
     work = Path(args.collect or args.work)
     for v in args.variants:
@@ -110,8 +112,8 @@ def main() -> None:
     results = collect(work)
     dest = ROOT / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "cross_encoder_init.json").write_text(json.dumps(results, indent=1))
-    plot(results, dest / "cross_encoder_init.png")
+    (dest / f"{args.results}.json").write_text(json.dumps(results, indent=1))
+    plot(results, dest / f"{args.results}.png", args.title)
     print(json.dumps({k: {"best_step": (r.get("early_stopping") or {}).get("best_step"),
                           "dev_ce": (r.get("dev") or {}).get("ce_mrr@10"),
                           "dev_rerank": (r.get("dev") or {}).get("rerank_mrr@10")} for k, r in results.items()},

@@ -30,6 +30,7 @@ IndexKind = Literal["flat", "ivfpq", "hnsw", "auto"]
 IndexRefine = Literal["none", "flat", "sq8"]
 CeFallback = Literal["fused", "skip"]
 CrossInit = Literal["base", "md0"]
+DenoiseKind = Literal["threshold", "relative", "margin", "none"]
 
 
 @dataclass
@@ -46,6 +47,10 @@ class DataConfig:
     unlabeled_queries: str | None = setting(None, help="file of questions without labels for step 4 "
                                             "(None = the pseudo_fraction hold-out)")
     max_train_queries: int | None = setting(None, ge=1, help="cap on the labelled training questions (None = all)")
+    diagnostic_qrels: str | None = setting(None, help="qrels TSV of known positives of the training questions, "
+                                           "labelled and unlabelled (as given, or under path: "
+                                           "qrels/train_expanded.tsv); only the denoising and pseudo-label "
+                                           "reports read it, never training")
     seed: int = setting(0, help="seed of the held-out splits")
 
 
@@ -155,9 +160,16 @@ class MiningConfig:
     """Hard negatives, denoising (step 3) and pseudo-labels (step 4)."""
 
     top_k: int = setting(100, ge=1, help="dual-encoder depth from which negatives are drawn")
-    denoise: bool = setting(True, help="drop mined negatives the cross-encoder finds likely positive (step 3)")
+    denoise: DenoiseKind = setting("threshold", help="which mined negatives step 3 drops as likely positives: "
+                                   "threshold (score >= denoise_threshold, the paper), relative (score > "
+                                   "denoise_relative x the question's positive's score, NV-Retriever), margin (score "
+                                   "> positive's - denoise_margin) or none")
     denoise_top: int = setting(50, ge=1, help="the cross-encoder scores this many of the top_k (paper: 50)")
     denoise_threshold: float = setting(0.1, ge=0, le=1, help="keep a negative only if its cross-encoder score is below this")
+    denoise_relative: float = setting(0.95, gt=0, help="relative rule: drop a negative scoring above this share of "
+                                      "the positive's score (NV-Retriever's TopK-PercPos: 0.95)")
+    denoise_margin: float = setting(0.05, ge=0, le=1, help="margin rule: drop a negative scoring above the positive's "
+                                    "score minus this")
     bm25_negatives: int = setting(0, ge=0, help="also mine this many of BM25's top passages per question into step 3's "
                                   "pool, denoised alike (lexical hard negatives, DPR)")
     pseudo: bool = setting(True, help="pseudo-label the unlabelled questions with the cross-encoder (step 4)")

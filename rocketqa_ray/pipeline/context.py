@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rocketqa_ray.config import Config
-from rocketqa_ray.data.beir import BeirData, load_beir, load_corpus, passage_text
+from rocketqa_ray.data.beir import BeirData, load_beir, load_corpus, load_qrels, passage_text
 from rocketqa_ray.data.splits import Splits, split_questions
 from rocketqa_ray.io import read_json_if_valid, write_json
-from rocketqa_ray.types import PairScores
+from rocketqa_ray.types import PairScores, Qrels
 
 if TYPE_CHECKING:
     from rocketqa_ray.retrieval.bm25 import BM25Retriever
@@ -31,6 +31,7 @@ class Context:
         self._splits: Splits | None = None
         self._bm25: BM25Retriever | None = None
         self._pairs: PairScorer | None = None
+        self._known: Qrels | None = None
 
     @property
     def data(self) -> BeirData:
@@ -104,6 +105,15 @@ class Context:
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
+
+    @property
+    def known_positives(self) -> Qrels | None:
+        """The diagnostic qrels (`data.diagnostic_qrels`), for reports only; None when not configured."""
+        if self._known is None and self.cfg.data.diagnostic_qrels:
+            from rocketqa_ray.rocketqa.diagnostics import resolve_diagnostic_qrels
+
+            self._known = load_qrels(resolve_diagnostic_qrels(self.cfg.data.diagnostic_qrels, self.cfg.data.path))
+        return self._known
 
 
 class TextView:

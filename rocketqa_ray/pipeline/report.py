@@ -8,7 +8,7 @@ from rocketqa_ray.io import atomic_path, write_text
 
 METRIC_ORDER = ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20")
 # stats shown in their own sections (or plot), not in a stage's statistics table
-OWN_SECTION = ("rerank_check", "check", "validation_curve")
+OWN_SECTION = ("rerank_check", "check", "validation_curve", "false_negatives", "pseudo_known_positives")
 CURVES_PLOT = "training.png"
 
 
@@ -129,7 +129,8 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
               "Held-out dev: training questions held out with their labels (`data.dev_fraction`), which no stage "
               "trains on (without a dev split: step 4's unlabelled questions, for the stages before step 4). Choose "
               "settings with it, not with the test split.", ""]
-    lines += checks_section(stats) + training_section(stats) + budget_line(report.get("budget", {}))
+    lines += (checks_section(stats) + training_section(stats) + false_negative_section(stats)
+              + budget_line(report.get("budget", {})))
     for name, st in stats.items():
         if not st:
             continue
@@ -153,6 +154,36 @@ def checks_section(stats: dict[str, dict]) -> list[str]:
         fallback = f" The run went on: {c['fallback']}." if c.get("fallback") else ""
         out.append(f"- {name}: {c['name']}: {mark}: {c['message']}.{fallback}")
     return [*out, ""]
+
+
+def false_negative_section(stats: dict[str, dict]) -> list[str]:
+    """Denoising and pseudo-labels against the known positives of `data.diagnostic_qrels` (diagnostic only)."""
+    rows = [(name, src, r) for name, st in stats.items() for src, r in st.get("false_negatives", {}).items()]
+    pseudo = [(name, st["pseudo_known_positives"]) for name, st in stats.items() if st.get("pseudo_known_positives")]
+    if not rows and not pseudo:
+        return []
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    out = ["## False negatives (known positives of `data.diagnostic_qrels`, never trained on)", ""]
+    if rows:
+        out += ["A mined negative listed as a known positive is a known false negative. Recall: the share of them the "
+                "cross-encoder dropped. Precision: the share of drops that are known false negatives, a lower bound "
+                "(the list is incomplete).", "",
+                "| stage | candidates from | candidates | known false negatives | dropped | known FN dropped | "
+                "recall | precision (lower bound) | known FN trained on as negatives |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name, src, r in rows:
+            out.append(f"| {name} | {src} | {r['candidates']} | {r['known_false_negatives']} "
+                       f"({f(r['known_false_negative_share'])}) | {r['dropped']} | {r['known_false_negatives_dropped']} | "
+                       f"{f(r['recall'])} | {f(r['precision_lower_bound'])} | {r['known_false_negatives_kept']} |")
+        out.append("")
+    for name, r in pseudo:
+        out += [f"Pseudo-labels ({name}): {r['judged']} positives judged; precision {f(r['precision_vs_labels'])} against "
+                f"the hidden labels, {f(r['precision_vs_labels_and_known'])} against labels + known positives "
+                f"({r['known_unlabelled_positives_found']} were known unlabelled positives).", ""]
+    return out
 
 
 def budget_line(b: dict) -> list[str]:

@@ -4,12 +4,21 @@
 cross-encoder's calibrated probability that `pid` answers `qid`. A candidate the cross-encoder finds likely
 to be a positive is an unlabelled positive more often than not, and training against it as a negative
 teaches the retriever the wrong thing (the paper: MS MARCO MRR@10 26.0 without denoising, 36.4 with).
+
+Which candidates are "likely positive" (`DenoiseRule`, `mining.denoise`):
+- `threshold` (the paper): score >= t, the same bar for every question;
+- `relative` (NV-Retriever's TopK-PercPos): score > r * s(q, gold): judged against how the cross-encoder
+  scores this question's own positive, so a question whose positive it finds hard is not stripped bare by a
+  fixed bar nor left with near-duplicates of its positive;
+- `margin` (TopK-MarginPos): score > s(q, gold) - m;
+- `none`: keep every candidate (the undenoised ablation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rocketqa_ray.types import PairScores, RankedIds
 
@@ -21,12 +30,47 @@ class DenoiseResult:
     stats: dict = field(default_factory=dict)
 
 
-def denoise(candidates: RankedIds, scores: PairScores, threshold: float, top: int) -> DenoiseResult:
-    """Keep a mined negative only if the cross-encoder is confident it is not a positive (score < threshold).
+RuleKind = Literal["threshold", "relative", "margin", "none"]
+
+
+@dataclass(frozen=True)
+class DenoiseRule:
+    """When a scored candidate counts as a likely positive (see the module docstring)."""
+
+    kind: RuleKind = "threshold"
+    threshold: float = 0.5
+    relative: float = 0.95
+    margin: float = 0.05
+
+    @property
+    def needs_positive(self) -> bool:
+        return self.kind in ("relative", "margin")
+
+    def drops(self, score: float, positive: float | None) -> bool:
+        if self.kind == "none":
+            return False
+        if self.kind == "threshold":
+            return score >= self.threshold
+        if positive is None:
+            raise ValueError(f"denoise rule {self.kind!r} needs the score of the question's positive")
+        bar = self.relative * positive if self.kind == "relative" else positive - self.margin
+        return score > bar
+
+    def describe(self) -> dict:
+        value = {"threshold": self.threshold, "relative": self.relative, "margin": self.margin}.get(self.kind)
+        return {"rule": self.kind, **({"rule_value": value} if value is not None else {})}
+
+
+def denoise(candidates: RankedIds, scores: PairScores, threshold: float | DenoiseRule, top: int,
+            positives: dict[str, float] | None = None) -> DenoiseResult:
+    """Keep a mined negative only if the cross-encoder is confident it is not a positive: by default below a
+    fixed `threshold`; a `DenoiseRule` of kind relative/margin judges it against `positives[qid]`, the score
+    of the question's labelled positive.
 
     Only the top `top` candidates are scored (the paper scores the top 50); the rest are not used, since an
     unscored candidate could be an unlabelled positive just as well.
     """
+    rule = threshold if isinstance(threshold, DenoiseRule) else DenoiseRule("threshold", threshold)
     kept: RankedIds = {}
     dropped: RankedIds = {}
     for q, ps in candidates.items():
@@ -34,8 +78,12 @@ def denoise(candidates: RankedIds, scores: PairScores, threshold: float, top: in
         missing = [p for p in head if (q, p) not in scores]
         if missing:
             raise KeyError(f"no cross-encoder score for question {q!r}, passage {missing[0]!r}")
-        kept[q] = [p for p in head if scores[(q, p)] < threshold]
-        dropped[q] = [p for p in head if scores[(q, p)] >= threshold]
+        pos = (positives or {}).get(q)
+        if rule.needs_positive and pos is None:
+            raise KeyError(f"no cross-encoder score for the positive of question {q!r} (denoise rule {rule.kind!r})")
+        gone = [rule.drops(scores[(q, p)], pos) for p in head]
+        kept[q] = [p for p, g in zip(head, gone) if not g]
+        dropped[q] = [p for p, g in zip(head, gone) if g]
     n_kept = sum(map(len, kept.values()))
     n_dropped = sum(map(len, dropped.values()))
     stats = {
@@ -45,9 +93,11 @@ def denoise(candidates: RankedIds, scores: PairScores, threshold: float, top: in
         "dropped": n_dropped,
         "dropped_frac": round(n_dropped / max(1, n_kept + n_dropped), 4),
         "questions_without_negatives": sum(1 for v in kept.values() if not v),
-        "threshold": threshold,
+        **rule.describe(),
         "top": top,
     }
+    if rule.kind == "threshold":
+        stats["threshold"] = rule.threshold
     return DenoiseResult(kept, dropped, stats)
 
 

@@ -53,16 +53,40 @@ class StageRunner:
         return self.ctx.stage_dir(name)
 
 
+KNOWN = "qrels/known.tsv"
+
+
+def write_known_positives(data: Path) -> Path:
+    """A diagnostic qrels file: each training question's label plus two other passages of its article (what a
+    dual encoder mines first), as if they were known unlabelled positives."""
+    from rocketqa_ray.data.beir import load_corpus, load_qrels
+
+    corpus = load_corpus(data / "corpus.jsonl")
+    by_title: dict[str, list[str]] = {}
+    for pid in sorted(corpus):
+        by_title.setdefault(corpus[pid]["title"], []).append(pid)
+    lines = ["query-id\tcorpus-id\tscore\n"]
+    for q, labels in sorted(load_qrels(data / "qrels" / "train.tsv").items()):
+        gold = next(iter(labels))
+        extra = [p for p in by_title[corpus[gold]["title"]] if p not in labels][:2]
+        lines += [f"{q}\t{p}\t1\n" for p in [*labels, *extra]]
+    (data / KNOWN).write_text("".join(lines))
+    return data / KNOWN
+
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    return write_small_beir(tmp_path_factory.mktemp("beir") / "squad-small")
+    data = write_small_beir(tmp_path_factory.mktemp("beir") / "squad-small")
+    write_known_positives(data)
+    return data
 
 
 def _cfg(data: Path, *overrides: str) -> Config:
     # Pseudo-label thresholds at 0: every step-4 question gets a positive from the untrained cross-encoder,
-    # so md2 always has pseudo-labelled rows to add.
+    # so md2 always has pseudo-labelled rows to add. The diagnostic qrels feed only the false-negative reports.
     return load_config("tiny", overrides=[f"data.path={data}", "mining.pseudo_pos_threshold=0.0",
-                                          "mining.pseudo_neg_threshold=0.0", *overrides])
+                                          "mining.pseudo_neg_threshold=0.0", f"data.diagnostic_qrels={KNOWN}",
+                                          *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -550,6 +574,72 @@ def test_md1_denoised_pool(run):
     assert s["heldout_questions"] == len(ctx.splits.dev)
 
 
+def test_md1_reports_known_false_negatives_removed(run):
+    """Against the diagnostic qrels: the known false negatives among md1's candidates, those denoising dropped
+    (recall) and the share of drops they make (precision), overall and per source, recounted from the files."""
+    from rocketqa_ray.data.beir import load_qrels
+    from rocketqa_ray.pipeline.report import markdown
+
+    res = run("md1")
+    known = load_qrels(run.cfg.data.path + "/" + KNOWN)
+    cands = _bm25_pool(run)
+    pool = read_json(run.dir("md1") / "hard_negative_pool.json")
+    fn = [(q, p) for q, ps in cands.items() for p in ps if p in known.get(q, {})]
+    dropped = [(q, p) for q, ps in cands.items() for p in ps if p not in pool[q]]
+    fn_dropped = [x for x in dropped if x in set(fn)]
+    r = res.stats["false_negatives"]["all"]
+    assert r["candidates"] == sum(map(len, cands.values()))
+    assert r["known_false_negatives"] == len(fn) > 0  # the fixture's known positives are what md0 mines
+    assert r["dropped"] == len(dropped) == res.stats["dropped"]
+    assert r["known_false_negatives_dropped"] == len(fn_dropped)
+    assert r["recall"] == pytest.approx(len(fn_dropped) / len(fn), abs=1e-4)
+    if dropped:
+        assert r["precision_lower_bound"] == pytest.approx(len(fn_dropped) / len(dropped), abs=1e-4)
+    assert r["known_false_negatives_kept"] == len(fn) - len(fn_dropped)
+    # per source: md0's top denoise_top and BM25's negatives, each counted over its own candidates
+    top = read_json(run.dir("md0") / "train_top.json")
+    md0_fn = sum(1 for q, ps in top.items() for p in ps[: run.cfg.mining.denoise_top] if p in known.get(q, {}))
+    assert res.stats["false_negatives"]["md0"]["known_false_negatives"] == md0_fn
+    assert set(res.stats["false_negatives"]) == {"all", "md0", "bm25"}
+    text = markdown({"stages": {"md1": res.metrics}, "stats": {"md1": res.stats}})
+    assert "## False negatives" in text and f"| md1 | all | {r['candidates']} |" in text
+
+
+def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tmp_path):
+    """mining.denoise=relative on the same M_D0 and M_C: the gold pairs are scored too, and a candidate is dropped
+    exactly when it scores above denoise_relative x its question's positive."""
+    import shutil
+
+    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.pipeline.checks import ce_fallback
+    from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
+
+    run("mc")
+    cfg = _cfg(small_data, "mining.denoise=relative", "mining.denoise_relative=0.5")
+    other = StageRunner(cfg, tmp_path / "run")
+    for name in ("bm25", "zero_shot", "md0", "mc"):  # reuse: only step 3 differs
+        shutil.copytree(run.dir(name), other.dir(name))
+        other.results[name] = run.results[name]
+    for f in ("bm25_stats",):
+        if run.dir(f).exists():
+            shutil.copytree(run.dir(f), other.dir(f))
+    res = other("md1")
+    raw = load_scores(other.dir("md1") / "denoise_scores")
+    # what the rule judged: the cross-encoder's probabilities, or their fusion where M_C failed its check
+    fused = ce_fallback(other.dir("mc")) == "fused"
+    scores = fused_md0_scores(other.ctx, list(raw), raw) if fused else raw
+    pool = read_json(other.dir("md1") / "hard_negative_pool.json")
+    cands = _bm25_pool(run)
+    gold = {q: next(iter(run.ctx.train_qrels[q])) for q in cands}
+    assert all((q, g) in scores for q, g in gold.items())  # the positives were scored
+    for q, ps in cands.items():
+        bar = 0.5 * scores[(q, gold[q])]
+        assert pool[q] == [p for p in ps if scores[(q, p)] <= bar], q
+    assert res.stats["rule"] == "relative" and res.stats["rule_value"] == 0.5
+    assert res.stats["positive_score_mean"] == pytest.approx(
+        sum(scores[(q, g)] for q, g in gold.items()) / len(gold), abs=1e-4)
+
+
 def test_md1_undenoised_pool_is_all_candidates(run):
     res = run("md1_undenoised")
     d = run.dir("md1_undenoised")
@@ -590,6 +680,16 @@ def test_md2_adds_pseudo_labelled_questions(run):
     assert len(scores) == len(pseudo) * run.cfg.mining.pseudo_top_k
     assert _spec(d)["init_model"] == model_fingerprint(run.dir("md1") / "model")
     assert (d / "index" / "meta.json").exists()
+    # against the diagnostic qrels: the pseudo-positives that are labelled or known positives, recounted
+    from rocketqa_ray.data.beir import load_qrels
+
+    known = load_qrels(run.cfg.data.path + "/" + KNOWN)
+    pk = s["pseudo_known_positives"]
+    pseudo_rows = [r for r in rows if r["qid"] in pseudo]
+    assert pk["judged"] == len(pseudo_rows)
+    assert pk["precision_vs_labels"] == s["pseudo_precision"]  # the same figure as pseudo_label's own
+    hits = sum(1 for r in pseudo_rows if r["positive_id"] in known[r["qid"]])
+    assert pk["precision_vs_labels_and_known"] == pytest.approx(hits / len(pseudo_rows), abs=1e-4)
 
 
 def test_md2_rerank(run):

@@ -78,3 +78,22 @@ def test_sample_negatives_is_deterministic_and_bounded():
     cands = {"q1": list("abcdef"), "q2": ["x"]}
     s1, s2 = sample_negatives(cands, 3, seed=1), sample_negatives(cands, 3, seed=1)
     assert s1 == s2 and len(s1["q1"]) == 3 and set(s1["q1"]) <= set("abcdef") and s1["q2"] == ["x"]
+
+
+def test_positive_aware_rules_judge_each_candidate_against_its_questions_positive():
+    from rocketqa_ray.rocketqa.denoise import DenoiseRule
+
+    cands = {"q1": ["a", "b", "c"], "q2": ["d", "e"]}
+    scores = {("q1", "a"): 0.85, ("q1", "b"): 0.5, ("q1", "c"): 0.05, ("q2", "d"): 0.3, ("q2", "e"): 0.02}
+    pos = {"q1": 0.9, "q2": 0.3}  # q2: the cross-encoder finds its own positive hard
+    # fixed bar 0.5: q1 loses a and b; q2 keeps d, which the cross-encoder rates as high as q2's positive
+    assert denoise(cands, scores, 0.5, 3).kept == {"q1": ["c"], "q2": ["d", "e"]}
+    # relative 0.9: bars 0.81 (q1) and 0.27 (q2): a and d are dropped, b is kept
+    rel = denoise(cands, scores, DenoiseRule("relative", relative=0.9), 3, pos)
+    assert rel.kept == {"q1": ["b", "c"], "q2": ["e"]} and rel.stats["rule"] == "relative"
+    assert rel.stats["rule_value"] == 0.9
+    # margin 0.1: bars 0.8 and 0.2
+    assert denoise(cands, scores, DenoiseRule("margin", margin=0.1), 3, pos).dropped == {"q1": ["a"], "q2": ["d"]}
+    assert denoise(cands, scores, DenoiseRule("none"), 3).dropped == {"q1": [], "q2": []}
+    with pytest.raises(KeyError, match="positive of question 'q2'"):
+        denoise(cands, scores, DenoiseRule("relative"), 3, {"q1": 0.9})

@@ -18,12 +18,14 @@ from rocketqa_ray.pipeline.shared import (
     dense_scores,
     dual_encoder_check,
     dual_examples,
+    gold_positive,
     heldout_eval,
     train_dual_encoder,
     train_top,
     training_summary,
 )
-from rocketqa_ray.rocketqa.denoise import answer_rates, denoise
+from rocketqa_ray.rocketqa.denoise import DenoiseRule, answer_rates, denoise
+from rocketqa_ray.rocketqa.diagnostics import denoise_report
 from rocketqa_ray.types import PairScores
 
 # bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
@@ -35,27 +37,38 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     m = cfg.mining
     train = ctx.splits.train
     cands = {q: v[: m.denoise_top] for q, v in train_top(ctx, "md0").items()}
+    sources = {"md0": cands}
     stats: dict = {}
     if m.bm25_negatives:
         lexical = bm25_negatives(ctx, train, m.bm25_negatives)
+        sources["bm25"] = lexical
         cands = {q: list(dict.fromkeys(cands.get(q, []) + lexical.get(q, []))) for q in train}
         stats["pool_per_question"] = round(sum(map(len, cands.values())) / max(1, len(cands)), 2)
     fallback = ce_fallback(ctx.stage_dir("mc")) if denoised else None
-    if denoised and m.denoise and fallback != "skip":
+    rule = DenoiseRule(m.denoise, m.denoise_threshold, m.denoise_relative, m.denoise_margin)
+    if denoised and m.denoise != "none" and fallback != "skip":
         pairs = [(q, p) for q, ps in cands.items() for p in ps]
+        gold = gold_positive(ctx, list(cands)) if rule.needs_positive else {}
+        pairs += [(q, p) for q, p in gold.items()]  # the bar of a relative/margin rule
         scores = ce_scores(ctx, pairs, d / "denoise_scores")
         if fallback == "fused":  # the cross-encoder alone failed its check: its fusion with M_D0 and BM25 decides
             scores = fused_md0_scores(ctx, pairs, scores)
             stats["denoise_scores"] = "fused (cross-encoder check failed)"
-        res = denoise(cands, scores, m.denoise_threshold, m.denoise_top + m.bm25_negatives)
+        positives = {q: scores[(q, p)] for q, p in gold.items()}
+        if positives:
+            stats["positive_score_mean"] = round(sum(positives.values()) / len(positives), 4)
+        res = denoise(cands, scores, rule, m.denoise_top + m.bm25_negatives, positives)
         pool = res.kept
         stats.update(res.stats)
         if ctx.data.has_answers(train):
             stats.update(answer_rates(res, {q: ctx.data.queries[q]["answers"] for q in train}, has_answer, ctx.ptext))
     else:
         pool = cands
-        if fallback == "skip" and m.denoise:
+        if fallback == "skip" and m.denoise != "none":
             stats["denoise_scores"] = "skipped (cross-encoder check failed)"
+    if ctx.known_positives is not None:  # diagnostic only: how many known false negatives denoising removed
+        dropped = {q: [p for p in ps if p not in set(pool.get(q, []))] for q, ps in cands.items()}
+        stats["false_negatives"] = denoise_report(cands, dropped, ctx.known_positives, sources)
     write_json(d / POOL, pool)
     rows = dual_examples(ctx, train, pool)
     init = ctx.stage_dir("md0") / "model" if cfg.dual.init == "previous" else None

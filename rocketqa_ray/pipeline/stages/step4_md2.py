@@ -35,6 +35,7 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     from rocketqa_ray.index import DenseIndex
     from rocketqa_ray.modeling.base import model_fingerprint
     from rocketqa_ray.retrieval.fusion import fuse_scores
+    from rocketqa_ray.rocketqa.diagnostics import pseudo_report
 
     m = cfg.mining
     md1 = ctx.stage_dir("md1")
@@ -59,6 +60,8 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
         hidden = {q: qrels[q] for q in pseudo_q if q in qrels}
         pl = pseudo_label(cands, scores, m.pseudo_pos_threshold, m.pseudo_neg_threshold, hidden_gold=hidden or None)
         stats.update({f"pseudo_{k}": v for k, v in pl.stats.items()})
+        if ctx.known_positives is not None:  # diagnostic only
+            stats["pseudo_known_positives"] = pseudo_report(pl.positives, hidden, ctx.known_positives)
         rows = rows + dual_examples(ctx, sorted(pl.positives), pl.negatives, positives=pl.positives)
     stats["train_questions"] = len(rows)
     init = md1_model if cfg.dual.init == "previous" else None
