@@ -100,6 +100,8 @@ class DualTrainConfig:
     patience: int = setting(3, ge=0, help="evaluations without improvement that stop training (not before min_steps); "
                             "0 = never stop early, still keep the best")
     min_delta: float = setting(0.0, ge=0, help="an improvement of the held-out MRR@10 must exceed this")
+    val_tolerance: float = setting(0.0, ge=0, help="keep the latest evaluated model within this of the best held-out "
+                                   "MRR@10 (more training wins a tie within the held-out set's noise); 0 = the best")
     val_groups: int = setting(256, ge=1, help="held-out groups scored at each evaluation (dev questions: positive + BM25 negatives)")
     init: DualInit = setting("base", help="steps 3/4 start from the base model (paper) or continue from the "
                              "previous dual encoder")
@@ -143,6 +145,8 @@ class CrossConfig:
     patience: int = setting(3, ge=0, help="evaluations without improvement that stop training (not before min_steps); "
                             "0 = never stop early, still keep the best")
     min_delta: float = setting(0.0, ge=0, help="an improvement of the held-out MRR@10 must exceed this")
+    val_tolerance: float = setting(0.0, ge=0, help="keep the latest evaluated model within this of the best held-out "
+                                   "MRR@10 (more training wins a tie within the held-out set's noise); 0 = the best")
     val_groups: int = setting(256, ge=1, help="held-out groups scored at each evaluation (the calibration groups, which training never sees)")
     warmup_ratio: float = setting(0.1, ge=0, lt=1, help="fraction of the steps with a linear learning-rate warm-up")
     num_negatives: int = setting(3, ge=1, help="negatives per positive, sampled from M_D0's top mining.top_k")

@@ -119,7 +119,7 @@ def worker_loop(config: dict) -> None:
     step, history = 0, []
     val_rows = worker_slice(config.get("val_rows") or [], rank, size)
     validating = bool(config.get("val_rows")) and tcfg.eval_every > 0
-    early = EarlyStopping(patience=tcfg.patience, min_delta=tcfg.min_delta)
+    early = EarlyStopping(patience=tcfg.patience, min_delta=tcfg.min_delta, tolerance=tcfg.val_tolerance)
     stopped = False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:

@@ -55,13 +55,17 @@ class EarlyStopping:
     """Patience on a held-out metric (higher is better), and the best weights seen.
 
     `patience` evaluations without an improvement of more than `min_delta` stop training; 0 never stops
-    early (the best weights are still kept). The weights are copied to CPU memory on the rank that exports.
+    early (the best weights are still kept). With `tolerance` > 0 the weights kept are the latest ones within
+    `tolerance` of the best figure so far: a few held-out groups cannot tell 0.8437 from 0.8430, and the model
+    with more training should win such a tie. The weights are copied to CPU memory on the rank that exports.
     """
 
     patience: int = 0
     min_delta: float = 0.0
-    best: float | None = None
+    tolerance: float = 0.0
+    best: float | None = None  # the kept weights' figure
     best_step: int | None = None
+    top: float | None = None  # the best figure seen
     bad_evals: int = 0
     history: list[dict] = field(default_factory=list)
     best_state: dict | None = field(default=None, repr=False)
@@ -71,12 +75,15 @@ class EarlyStopping:
         Returns whether to stop."""
         value = float(metrics[key])
         self.history.append({"step": step, **metrics})
-        if self.best is None or value > self.best + self.min_delta:
-            self.best, self.best_step, self.bad_evals = value, step, 0
-            if model is not None:
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if self.top is None or value > self.top + self.min_delta:
+            self.bad_evals = 0
         else:
             self.bad_evals += 1
+        self.top = value if self.top is None else max(self.top, value)
+        if value >= self.top - self.tolerance:
+            self.best, self.best_step = value, step
+            if model is not None:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return self.patience > 0 and self.bad_evals >= self.patience
 
     def restore_best(self, model: torch.nn.Module) -> bool:

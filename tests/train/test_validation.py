@@ -33,20 +33,20 @@ def test_early_stopping_keeps_the_best_weights_and_stops_after_patience():
     assert not es.update(0, {"val_mrr@10": 0.5}, model)
     with torch.no_grad():
         model.weight.fill_(2.0)
-    assert not es.update(10, {"val_mrr@10": 0.505}, model)  # within min_delta: not an improvement
+    assert not es.update(10, {"val_mrr@10": 0.505}, model)  # within min_delta: no gain for patience, but the best
     with torch.no_grad():
         model.weight.fill_(3.0)
     assert es.update(20, {"val_mrr@10": 0.4}, model)  # second evaluation without gain: stop
-    assert es.best_step == 0 and es.best == 0.5
+    assert es.best_step == 10 and es.best == 0.505
     assert es.restore_best(model)
-    assert float(model.weight.detach().mean()) == 1.0
+    assert float(model.weight.detach().mean()) == 2.0
     never = EarlyStopping(patience=0)
     assert not any(never.update(s, {"val_mrr@10": 1.0 - s}, None) for s in range(5))
     assert never.best_step == 0
     # the state survives a checkpoint round trip (a resumed run goes on counting)
     again = EarlyStopping()
     again.load_state_dict(es.state_dict())
-    assert (again.best_step, again.bad_evals, len(again.history)) == (0, 2, 3)
+    assert (again.best_step, again.bad_evals, len(again.history)) == (10, 2, 3)
 
 
 @pytest.fixture(scope="module")
@@ -115,29 +115,50 @@ def test_dual_validation_equals_encoding_each_text(data):
 # ------------------------------------------------------------------------------------- in Ray Train
 @pytest.mark.slow
 def test_training_stops_early_and_exports_the_best_evaluated_model(ray_session, data, tmp_path):
-    """Two workers continue a saved cross-encoder; an improvement must exceed 1.0 (never), patience 1: training
-    stops at the first evaluation after the start, and the exported model is the starting one (the best
-    evaluated), not the last. The step-0 figure of two workers equals one process's validation of that model."""
+    """Two workers continue a saved cross-encoder on held-out groups it ranks perfectly (each group's positive
+    is the passage it scores highest); an improvement must exceed 1.0 (never), patience 1: training stops at the
+    first evaluation after the start, and the exported model is the starting one (the best evaluated), not the
+    last. The step-0 figure of two workers equals one process's validation of that model."""
     from rocketqa_ray.modeling.cross_encoder import CrossEncoder
     from rocketqa_ray.train.launch import read_history, read_validation, train_cross
 
     write_examples(_cross_rows(data, 64), tmp_path / "cross.parquet")
-    val = _cross_rows(data, 30, offset=200)
     cfg = load_config("tiny", overrides=["cross.max_steps=20", "cross.batch_size=4", "cross.eval_every=3",
                                          "cross.patience=1", "cross.min_delta=1.0", "cross.log_every=1",
                                          "cross.lr=5e-3", "cross.head_lr_scale=10"])
     torch.manual_seed(0)
     CrossTask(cfg).build(None).save(tmp_path / "start")
+    start = CrossEncoder.load(tmp_path / "start").eval()
+    val = []
+    for r in _cross_rows(data, 30, offset=200):  # relabel: the start model's favourite is the positive
+        s = start.score([r["query"]] * len(r["passages"]), r["passages"], bf16="false")
+        val.append({**r, "labels": [1.0 if i == int(np.argmax(s)) else 0.0 for i in range(len(s))]})
     model_dir = train_cross(cfg, str(tmp_path / "cross.parquet"), str(tmp_path / "mc"), val_rows=val,
                             init_model=str(tmp_path / "start"))
     v = read_validation(tmp_path / "mc")
     assert v["stopped_early"] and v["best_step"] == 0
     assert [h["step"] for h in v["history"]] == [0, 3]
     assert read_history(tmp_path / "mc")[-1]["step"] == 3  # stopped, not the 20 steps asked for
-    start = CrossEncoder.load(tmp_path / "start").eval()
     exported = CrossEncoder.load(model_dir)
     for name, t in start.model.state_dict().items():
         torch.testing.assert_close(exported.model.state_dict()[name], t, msg=name)
     one = CrossTask(cfg).validate(start, val, torch.device("cpu"), bf16=False)
     assert v["history"][0]["val_mrr@10"] == pytest.approx(round(float(one[0] / one[2]), 4), abs=1e-4)
-    assert v["history"][0]["val_groups"] == 30
+    assert v["history"][0]["val_groups"] == 30 and v["history"][0]["val_mrr@10"] == 1.0
+    assert v["history"][1]["val_mrr@10"] < 1.0  # training on other questions moved the model
+
+
+def test_a_tie_within_tolerance_keeps_the_more_trained_model():
+    model = torch.nn.Linear(1, 1)
+    es = EarlyStopping(patience=0, tolerance=0.005)
+    for step, value in ((10, 0.8437), (20, 0.8430), (30, 0.8431), (40, 0.80)):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        es.update(step, {"val_mrr@10": value}, model)
+    assert es.best_step == 30 and es.best == 0.8431 and es.top == 0.8437  # 40 is below the tolerance
+    es.restore_best(model)
+    assert float(model.weight.detach().mean()) == 30.0
+    strict = EarlyStopping()
+    for step, value in ((10, 0.8437), (20, 0.8430)):
+        strict.update(step, {"val_mrr@10": value}, None)
+    assert strict.best_step == 10
