@@ -83,7 +83,7 @@ def plot(results: dict, path: Path, title: str) -> None:
             ax.plot(steps, vals, marker="o", ms=3,
                     label=f"{name}: dev CE alone {dev.get('ce_mrr@10', float('nan')):.3f} "
                           f"(M_D0 {dev.get('retriever_mrr@10', float('nan')):.3f})")
-    ax.set_xlabel("training step (8 question groups of 4 pairs each)")
+    ax.set_xlabel("training step (8 question groups per step)")
     ax.set_ylabel("calibration groups MRR@10 (1 + 7 negatives)")
     ax.set_title(f"cross-encoder while training, {title} (same M_D0)")
     ax.grid(alpha=0.3)
