@@ -47,10 +47,8 @@ class DataConfig:
     unlabeled_queries: str | None = setting(None, help="file of questions without labels for step 4 "
                                             "(None = the pseudo_fraction hold-out)")
     max_train_queries: int | None = setting(None, ge=1, help="cap on the labelled training questions (None = all)")
-    diagnostic_qrels: str | None = setting(None, help="qrels TSV of known positives of the training questions, "
-                                           "labelled and unlabelled (as given, or under path: "
-                                           "qrels/train_expanded.tsv); only the denoising and pseudo-label "
-                                           "reports read it, never training")
+    diagnostic_qrels: str | None = setting(None, help="qrels of known positives (labelled + unlabelled) of the "
+                                           "training questions, as given or under path; read by reports only")
     seed: int = setting(0, help="seed of the held-out splits")
 
 
@@ -70,7 +68,23 @@ class ModelConfig:
 
 
 @dataclass
-class DualTrainConfig:
+class EarlyStopConfig:
+    """Validation while training (`train.validation`), shared by the dual-encoder and cross-encoder sections: the
+    dual encoders score dev questions (gold + BM25's top 7), the cross-encoder its calibration groups (gold + M_D0's
+    7 hardest), neither ever trained on."""
+
+    eval_every: int = setting(0, ge=0, help="score the held-out groups every this many steps, keep the best model, "
+                              "stop after `patience` evaluations without gain; 0 = off")
+    patience: int = setting(3, ge=0, help="evaluations without improvement that stop training (not before min_steps); "
+                            "0 = never stop early, still keep the best")
+    min_delta: float = setting(0.0, ge=0, help="an improvement of the held-out MRR@10 must exceed this")
+    val_tolerance: float = setting(0.0, ge=0, help="keep the latest evaluated model within this of the best held-out "
+                                   "MRR@10 (more training wins a tie within the held-out set's noise); 0 = the best")
+    val_groups: int = setting(256, ge=1, help="held-out groups scored at each evaluation")
+
+
+@dataclass
+class DualTrainConfig(EarlyStopConfig):
     """Dual-encoder training on Ray Train (steps 1, 3, 4)."""
 
     lr: float = setting(3e-5, gt=0, help="peak learning rate (AdamW)")
@@ -95,14 +109,6 @@ class DualTrainConfig:
     bf16: AutoBool = setting("auto", help="bf16 autocast; auto = on a CPU with avx512_bf16 or on CUDA")
     checkpoint_every: int = setting(0, ge=0, help="checkpoint every this many steps; 0 = only at the end of each epoch")
     log_every: int = setting(10, ge=1, help="log the loss every this many steps")
-    eval_every: int = setting(0, ge=0, help="score the held-out groups every this many steps (and before training), "
-                              "keep the best model, stop early after `patience` evaluations without gain; 0 = off")
-    patience: int = setting(3, ge=0, help="evaluations without improvement that stop training (not before min_steps); "
-                            "0 = never stop early, still keep the best")
-    min_delta: float = setting(0.0, ge=0, help="an improvement of the held-out MRR@10 must exceed this")
-    val_tolerance: float = setting(0.0, ge=0, help="keep the latest evaluated model within this of the best held-out "
-                                   "MRR@10 (more training wins a tie within the held-out set's noise); 0 = the best")
-    val_groups: int = setting(256, ge=1, help="held-out groups scored at each evaluation (dev questions: positive + BM25 negatives)")
     init: DualInit = setting("base", help="steps 3/4 start from the base model (paper) or continue from the "
                              "previous dual encoder")
     continue_epochs: float | None = setting(None, gt=0, help="epochs for a stage that continues from the previous "
@@ -113,7 +119,7 @@ class DualTrainConfig:
 
 
 @dataclass
-class CrossConfig:
+class CrossConfig(EarlyStopConfig):
     """Cross-encoder M_C (step 2)."""
 
     base: str = setting("minilm", help="base model: minilm, tiny or a local HF model path")
@@ -140,14 +146,6 @@ class CrossConfig:
     max_steps: int | None = setting(None, ge=1, help="stop after this many steps (None = epochs decide)")
     min_steps: int = setting(0, ge=0, help="train at least this many steps, in more epochs when the data is small "
                              "(a floor for small data sets)")
-    eval_every: int = setting(0, ge=0, help="score the held-out groups every this many steps (and before training), "
-                              "keep the best model, stop early after `patience` evaluations without gain; 0 = off")
-    patience: int = setting(3, ge=0, help="evaluations without improvement that stop training (not before min_steps); "
-                            "0 = never stop early, still keep the best")
-    min_delta: float = setting(0.0, ge=0, help="an improvement of the held-out MRR@10 must exceed this")
-    val_tolerance: float = setting(0.0, ge=0, help="keep the latest evaluated model within this of the best held-out "
-                                   "MRR@10 (more training wins a tie within the held-out set's noise); 0 = the best")
-    val_groups: int = setting(256, ge=1, help="held-out groups scored at each evaluation (the calibration groups, which training never sees)")
     warmup_ratio: float = setting(0.1, ge=0, lt=1, help="fraction of the steps with a linear learning-rate warm-up")
     num_negatives: int = setting(3, ge=1, help="negatives per positive, sampled from M_D0's top mining.top_k")
     length_buckets: int = setting(4, ge=1, help="forward pairs in this many length-sorted chunks (less padding); "
@@ -164,10 +162,8 @@ class MiningConfig:
     """Hard negatives, denoising (step 3) and pseudo-labels (step 4)."""
 
     top_k: int = setting(100, ge=1, help="dual-encoder depth from which negatives are drawn")
-    denoise: DenoiseKind = setting("threshold", help="which mined negatives step 3 drops as likely positives: "
-                                   "threshold (score >= denoise_threshold, the paper), relative (score > "
-                                   "denoise_relative x the question's positive's score, NV-Retriever), margin (score "
-                                   "> positive's - denoise_margin) or none")
+    denoise: DenoiseKind = setting("threshold", help="step 3 drops a negative scoring >= denoise_threshold, > "
+                                   "denoise_relative x its positive's score, > positive's - denoise_margin, or none")
     denoise_top: int = setting(50, ge=1, help="the cross-encoder scores this many of the top_k (paper: 50)")
     denoise_threshold: float = setting(0.1, ge=0, le=1, help="keep a negative only if its cross-encoder score is below this")
     denoise_relative: float = setting(0.95, gt=0, help="relative rule: drop a negative scoring above this share of "
