@@ -148,7 +148,8 @@ def worker_loop(config: dict) -> None:
         n = max(float(sums[2]), 1.0)
         m = {"val_mrr@10": round(float(sums[0]) / n, 4), "val_top1": round(float(sums[1]) / n, 4),
              "val_groups": int(sums[2]), "val_s": round(time.perf_counter() - t0, 1)}
-        stop = early.update(step, m, model if rank == 0 else None) and step >= tcfg.min_steps
+        # at the last step there is nothing left to stop: "stopped early" means steps were saved
+        stop = early.update(step, m, model if rank == 0 else None) and tcfg.min_steps <= step < total
         if rank == 0:
             log.info("%s step %d/%d held-out groups: MRR@10 %.4f top-1 %.4f (best %.4f at step %d)%s", name, step,
                      total, m["val_mrr@10"], m["val_top1"], early.best, early.best_step,
