@@ -74,6 +74,16 @@ def allreduce_grads(params: list[nn.Parameter], bucket_elems: int = 1 << 24) -> 
         flush()
 
 
+def sum_over_workers(t: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Element-wise sum of a small vector over all workers (`device`: where the backend can reduce); the identity
+    in one process."""
+    if world()[1] == 1:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def mean_over_workers(value: float, device: torch.device | str = "cpu") -> float:
     """The mean of a per-worker scalar over all workers (`device`: where the backend can reduce, CUDA for NCCL)."""
     return sync_log(value, False, device)[0]

@@ -57,7 +57,8 @@ def denoise_report(candidates: RankedIds, dropped: RankedIds, known: Qrels,
     that came from it, e.g. the dual encoder's and BM25's; a passage both found counts for each)."""
     out = {"all": removal_report(candidates, dropped, known)}
     for name, part in (sources or {}).items():
-        scored = {q: [p for p in candidates.get(q, []) if p in set(ps)] for q, ps in part.items()}
+        mine = {q: set(ps) for q, ps in part.items()}
+        scored = {q: [p for p in candidates.get(q, []) if p in mine[q]] for q in mine}
         out[name] = removal_report(scored, dropped, known)
     return out
 

@@ -16,8 +16,9 @@ Checkpoint rule: every `checkpoint_every` steps (0: at the end of each epoch) an
 also exports the model; metrics-only reports are throttled (`REPORT_MIN_INTERVAL_S`).
 
 Validation (`train.validation`): with held-out groups (`val_rows`) and `eval_every` > 0, the model is scored on
-them every `eval_every` steps and at the last (and before training when it starts from a trained model); after `patience` evaluations without improvement (and not
-before `min_steps`) training stops, and the exported model is the best evaluated one, not the last.
+them every `eval_every` steps and at the last (and before training when it starts from a trained model); after
+`patience` evaluations without improvement (and not before `min_steps`) training stops, and the exported model
+is the best evaluated one, not the last.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from torch import nn
 
 from rocketqa_ray.config import config_from_dict
 from rocketqa_ray.console import fmt_duration, quiet_libraries, write_progress
-from rocketqa_ray.distributed import allreduce_grads, sync_log
+from rocketqa_ray.distributed import allreduce_grads, sum_over_workers, sync_log
 from rocketqa_ray.io import write_json
 from rocketqa_ray.modeling.base import use_bf16
 from rocketqa_ray.train.tasks import TASKS
-from rocketqa_ray.train.validation import EarlyStopping, sum_over_workers, worker_slice
+from rocketqa_ray.train.validation import EarlyStopping, worker_slice
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from rocketqa_ray.config import Config, ModelConfig
 from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, listwise_loss, passage_key
-from rocketqa_ray.modeling.base import autocast
+from rocketqa_ray.modeling.base import autocast, batched_inference
 from rocketqa_ray.modeling.cross_encoder import CrossEncoder
 from rocketqa_ray.modeling.dual_encoder import DualEncoder
 from rocketqa_ray.train.gradcache import cached_backward
@@ -161,22 +161,9 @@ class DualTask:
         if not rows:
             return rank_sums(torch.zeros(0, dtype=torch.long))
         groups = [[r["positive"], *(r.get("negatives") or [])] for r in rows]
-        flat = [t for g in groups for t in g]
-
-        def encode(texts: list[str], kind: str) -> torch.Tensor:
-            out = []
-            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
-            for i in range(0, len(order), VALIDATION_BATCH):
-                idx = order[i : i + VALIDATION_BATCH]
-                f = {k: v.to(device) for k, v in model.tokenize([texts[j] for j in idx], kind).items()}
-                with autocast(bf16, device):
-                    e = model.encode_queries(f) if kind == "query" else model.encode_passages(f)
-                out.append(e.float().cpu())
-            emb = torch.cat(out)
-            return emb[torch.argsort(torch.tensor(order))]
-
-        q = encode([r["query"] for r in rows], "query")
-        p = encode(flat, "passage")
+        flag = "true" if bf16 else "false"
+        q = torch.from_numpy(model.encode([r["query"] for r in rows], "query", VALIDATION_BATCH, flag, device))
+        p = torch.from_numpy(model.encode([t for g in groups for t in g], "passage", VALIDATION_BATCH, flag, device))
         owner = torch.tensor([i for i, g in enumerate(groups) for _ in g])
         sims = (q[owner] * p).sum(-1).tolist()
         scores, lab, mask = _grid(_split(sims, [len(g) for g in groups]),
@@ -245,15 +232,13 @@ class CrossTask:
         if not rows:
             return rank_sums(torch.zeros(0, dtype=torch.long))
         pairs = [(r["query"], p) for r in rows for p in r["passages"]]
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-        flat = [0.0] * len(pairs)
-        for i in range(0, len(order), VALIDATION_BATCH):
-            idx = order[i : i + VALIDATION_BATCH]
+
+        def forward(idx: list[int], dev: torch.device) -> torch.Tensor:  # logits: a sigmoid could tie them
             f = model.tokenize([pairs[j][0] for j in idx], [pairs[j][1] for j in idx])
-            with autocast(bf16, device):
-                logits = model({k: v.to(device) for k, v in f.items()}).tolist()
-            for j, v in zip(idx, logits):
-                flat[j] = v
+            return model({k: v.to(dev) for k, v in f.items()})
+
+        flat = batched_inference(model, [q + p for q, p in pairs], VALIDATION_BATCH, "true" if bf16 else "false",
+                                 device, forward).tolist()
         scores, lab, mask = _grid(_split(flat, [len(r["passages"]) for r in rows]), [r["labels"] for r in rows])
         return rank_sums(group_ranks(scores, lab, mask))
 

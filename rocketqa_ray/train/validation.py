@@ -2,8 +2,9 @@
 patience, and the best weights kept (Ray-free).
 
 A held-out group is one question with its positive and some negatives, in the training rows' own format. Every
-worker scores its slice (`rows[rank::world]`) and the sums are all-reduced, so every worker sees the same metric
-and takes the same stop decision (no collective can hang), and N workers give the figure of one process.
+worker scores its slice (`rows[rank::world]`) and the sums are all-reduced (`distributed.sum_over_workers`), so
+every worker sees the same metric and takes the same stop decision (no collective can hang), and N workers give
+the figure of one process.
 
 The metric is the mean reciprocal rank of the positive within its group (ties count against it), with top-1
 accuracy beside it. It ranks a handful of candidates, not the corpus: cheap enough to run during training,
@@ -16,9 +17,6 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-
-from rocketqa_ray.distributed import world
 
 
 def group_ranks(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,15 +33,6 @@ def rank_sums(ranks: torch.Tensor, k: int = 10) -> torch.Tensor:
     """[sum of reciprocal ranks (0 beyond k), number ranked first, groups] as one float64 vector to all-reduce."""
     rr = torch.where(ranks <= k, 1.0 / ranks.double(), torch.zeros((), dtype=torch.float64))
     return torch.stack([rr.sum(), (ranks == 1).sum().double(), torch.tensor(float(len(ranks)), dtype=torch.float64)])
-
-
-def sum_over_workers(t: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Element-wise sum of a small float64 vector over all workers (the identity in one process)."""
-    if world()[1] == 1:
-        return t
-    t = t.to(device)
-    dist.all_reduce(t)
-    return t.cpu()
 
 
 def worker_slice(rows: list, rank: int, size: int) -> list:

@@ -26,7 +26,7 @@ from rocketqa_ray.pipeline.shared import (
 )
 from rocketqa_ray.rocketqa.denoise import DenoiseRule, answer_rates, denoise
 from rocketqa_ray.rocketqa.diagnostics import denoise_report
-from rocketqa_ray.types import PairScores
+from rocketqa_ray.types import PairScores, RankedIds
 
 # bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
 SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25")
@@ -46,6 +46,7 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
         stats["pool_per_question"] = round(sum(map(len, cands.values())) / max(1, len(cands)), 2)
     fallback = ce_fallback(ctx.stage_dir("mc")) if denoised else None
     rule = DenoiseRule(m.denoise, m.denoise_threshold, m.denoise_relative, m.denoise_margin)
+    dropped: RankedIds = {}
     if denoised and m.denoise != "none" and fallback != "skip":
         pairs = [(q, p) for q, ps in cands.items() for p in ps]
         gold = gold_positive(ctx, list(cands)) if rule.needs_positive else {}
@@ -58,7 +59,7 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
         if positives:
             stats["positive_score_mean"] = round(sum(positives.values()) / len(positives), 4)
         res = denoise(cands, scores, rule, m.denoise_top + m.bm25_negatives, positives)
-        pool = res.kept
+        pool, dropped = res.kept, res.dropped
         stats.update(res.stats)
         if ctx.data.has_answers(train):
             stats.update(answer_rates(res, {q: ctx.data.queries[q]["answers"] for q in train}, has_answer, ctx.ptext))
@@ -67,7 +68,6 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
         if fallback == "skip" and m.denoise != "none":
             stats["denoise_scores"] = "skipped (cross-encoder check failed)"
     if ctx.known_positives is not None:  # diagnostic only: how many known false negatives denoising removed
-        dropped = {q: [p for p in ps if p not in set(pool.get(q, []))] for q, ps in cands.items()}
         stats["false_negatives"] = denoise_report(cands, dropped, ctx.known_positives, sources)
     write_json(d / POOL, pool)
     rows = dual_examples(ctx, train, pool)
