@@ -617,12 +617,11 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     run("mc")
     cfg = _cfg(small_data, "mining.denoise=relative", "mining.denoise_relative=0.5")
     other = StageRunner(cfg, tmp_path / "run")
-    for name in ("bm25", "zero_shot", "md0", "mc"):  # reuse: only step 3 differs
+    for name in ("md0", "mc"):  # reuse md1's upstream stages: only step 3 differs
         shutil.copytree(run.dir(name), other.dir(name))
         other.results[name] = run.results[name]
-    for f in ("bm25_stats",):
-        if run.dir(f).exists():
-            shutil.copytree(run.dir(f), other.dir(f))
+    if run.dir("bm25_stats").exists():  # corpus statistics of the BM25 feature, built once per run
+        shutil.copytree(run.dir("bm25_stats"), other.dir("bm25_stats"))
     res = other("md1")
     raw = load_scores(other.dir("md1") / "denoise_scores")
     # what the rule judged: the cross-encoder's probabilities, or their fusion where M_C failed its check
