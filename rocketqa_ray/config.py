@@ -208,6 +208,10 @@ class IndexConfig:
                                   "+4*dim bytes/vector), sq8 (+dim bytes/vector)")
     refine_k_factor: float = setting(4.0, ge=1, help="the top refine_k_factor * k PQ candidates are re-scored with the "
                                      "kept vectors")
+    build_cpus: float = setting(1.0, gt=0, help="CPUs per Ray task that fills one index shard from the embeddings")
+    searcher_cpus: float = setting(0.5, gt=0, help="CPUs per searcher actor (faiss threads follow it)")
+    shards_per_searcher: int = setting(1, ge=1, help="consecutive index shards one searcher actor holds (more when "
+                                       "they fit its memory: fewer actors)")
 
 
 @dataclass

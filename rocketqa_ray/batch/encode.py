@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from rocketqa_ray.batch.shards import iter_parts, matrix, part_name, run_job, source_stat, success_record
 from rocketqa_ray.config import EncodeConfig, RayConfig
@@ -39,7 +40,7 @@ def resolve_model_dir(model: str | Path) -> Path:
 
 
 class EncoderActor:
-    """Row batches {row, id, text} -> {row, id, emb [B, H] float32}; the model is loaded once per actor.
+    """Row batches {row, id, text, ...} -> {row, id, emb [B, H] float32, ...}; the model is loaded once per actor.
 
     Inside a batch, texts are sorted by length and encoded `batch_size` at a time (`DualEncoder.encode`),
     so padding stays small; bf16 autocast per the `bf16` setting (auto: CUDA or a CPU with native bf16).
@@ -63,10 +64,12 @@ class EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
         emb = self.model.encode(texts, self.kind, self.batch_size, self.bf16, self.device, self.sort)
-        return {"row": np.asarray(batch["row"], dtype=np.int64), "id": batch["id"], "emb": emb}
+        # other columns ride along (a retrieval flow's excluded ids), the text does not
+        rest = {k: v for k, v in batch.items() if k not in ("text", "row", "id")}
+        return {"row": np.asarray(batch["row"], dtype=np.int64), "id": batch["id"], "emb": emb, **rest}
 
 
-def _actor_kwargs(model_dir: Path, kind: str, cfg: EncodeConfig) -> dict:
+def actor_kwargs(model_dir: Path, kind: str, cfg: EncodeConfig) -> dict:
     if kind not in KINDS:
         raise ConfigError(f"encoding kind {kind!r} is not one of: {', '.join(KINDS)}")
     return {"model_dir": str(model_dir), "kind": kind, "batch_size": cfg.batch_size, "bf16": cfg.bf16,
@@ -110,8 +113,34 @@ def encode_corpus(corpus_path: str | Path, model_dir: str | Path, out_dir: str |
         dim = pq.read_schema(plan.out_dir / part_name(0)).field("emb").type.list_size
         return {"dim": int(dim), "model_fingerprint": fp, "kind": kind, "model_dir": str(model_dir)}
 
-    return run_job(rows, out_dir, job, ["id", "text"], EncoderActor, _actor_kwargs(model_dir, kind, cfg), cfg,
+    return run_job(rows, out_dir, job, ["id", "text"], EncoderActor, actor_kwargs(model_dir, kind, cfg), cfg,
                    source=source_stat(corpus), extra=extra, overwrite=overwrite, ray_cfg=ray_cfg)
+
+
+def write_embeddings(out_dir: str | Path, ids: list[str], emb: np.ndarray, rows_per_shard: int = 4096,
+                     model_fingerprint: str | None = None) -> Path:
+    """Vectors you already have, in an encoding job's layout (parts, `_job.json`, `_SUCCESS.json` last), so the
+    index builders and benchmarks read them as they read `encode_corpus`'s output."""
+    from rocketqa_ray.batch.shards import JOB_FILE, SUCCESS_FILE, to_table
+    from rocketqa_ray.io import atomic_path, write_json
+
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or len(ids) != len(emb):
+        raise DataError(f"write_embeddings: {len(ids)} ids for embeddings of shape {emb.shape}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / JOB_FILE, {"task": "encode", "kind": "passage", "model_fingerprint": model_fingerprint,
+                                "rows_per_shard": rows_per_shard})
+    n_shards = 0
+    for n_shards, start in enumerate(range(0, len(ids), rows_per_shard), 1):
+        stop = min(start + rows_per_shard, len(ids))
+        table = to_table({"row": np.arange(start, stop, dtype=np.int64), "id": list(ids[start:stop]),
+                          "emb": emb[start:stop]})
+        with atomic_path(out / part_name(n_shards - 1)) as tmp:
+            pq.write_table(table, tmp)
+    write_json(out / SUCCESS_FILE, {"n_rows": len(ids), "n_shards": n_shards, "source": None, "dim": int(emb.shape[1]),
+                                    "model_fingerprint": model_fingerprint, "kind": "passage"})
+    return out
 
 
 def embeddings_info(out_dir: str | Path) -> dict:
@@ -156,7 +185,7 @@ def encode_texts(texts: list[str], ids: list[str], model_dir: str | Path, cfg: E
         if not isinstance(t, str) or not t.strip():
             raise DataError(f"text {i!r} is empty; every {kind} needs text")
     model_dir = resolve_model_dir(model_dir)
-    kwargs = _actor_kwargs(model_dir, kind, cfg)
+    kwargs = actor_kwargs(model_dir, kind, cfg)
     ensure_ray(ray_cfg)
     n = len(texts)
     actors = max(1, min(cfg.num_actors, math.ceil(n / cfg.batch_size)))

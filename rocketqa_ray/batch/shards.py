@@ -79,7 +79,8 @@ def part_meta(path: Path) -> dict:
     return json.loads(md[META_KEY]) if META_KEY in md else {}
 
 
-def _digest(start: int, rows: list[dict], columns: list[str]) -> str:
+def rows_digest(rows: list[dict], columns: list[str], start: int = 0) -> str:
+    """A content digest of `rows`' `columns` (and where they start): what an output was computed from."""
     h = hashlib.sha1(str(start).encode())
     for c in columns:
         h.update(b"\x1e" + c.encode())
@@ -171,7 +172,7 @@ def plan_shards(rows: Iterable[dict], out_dir: str | Path, rows_per_shard: int, 
 
     def flush(shard: int) -> None:
         start = shard * rows_per_shard
-        digest = _digest(start, buf, columns)
+        digest = rows_digest(buf, columns, start)
         output = out / part_name(shard)
         if output.exists():
             try:

@@ -116,24 +116,23 @@ def build_from_shards(batches: Iterable[tuple[Sequence[str], np.ndarray]], cfg: 
 
 
 def build_index_from_embeddings(emb_dir: str | Path, cfg: IndexConfig, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build a DenseIndex from an encoding job's Parquet shards (streamed, shard by shard) and save it.
+    """Build an index from an encoding job's Parquet parts in this process, shard after shard, and save it.
 
-    The index records the encoding model's fingerprint. IVF-PQ trains on a uniform random sample of the
-    corpus (one extra pass over the shards), not on its first rows, which are often one topic.
+    The same plan and shard filling as the Ray build (`batch.index_build.build_index`), which runs the shards in
+    parallel tasks: IVF-PQ trains on a uniform random sample of the corpus, not on its first rows (often one
+    topic), and the index records the encoding model's fingerprint.
     """
-    from rocketqa_ray.batch.encode import embeddings_info, iter_embeddings
+    from rocketqa_ray.index.plan import fill_shard, plan_index
+    from rocketqa_ray.index.store import write_meta, write_shard
+    from rocketqa_ray.io import atomic_dir
 
-    info = embeddings_info(emb_dir)
-    n = int(info["n_rows"])
-    train = None
-    if resolve_kind(cfg, n) == "ivfpq" and n > cfg.train_sample:
-        train = sample_rows(emb_dir, n, cfg.train_sample, seed)
-    index = build_from_shards(iter_embeddings(emb_dir), cfg, model_fingerprint=info["model_fingerprint"],
-                              total=n, train_emb=train)
-    if len(index.ids) != n:
-        raise DataError(f"{emb_dir}: the index has {len(index.ids)} vectors but the encoding recorded {n}")
-    log.info("index: %s over %d passages (dim %d) -> %s", index.kind, n, index.dim, out_dir)
-    return index.save(out_dir)
+    plan = plan_index(emb_dir, cfg, seed=seed)
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        sizes = [write_shard(tmp, j, *fill_shard(emb_dir, plan, j)) for j in range(len(plan.ranges))]
+        write_meta(tmp, plan.meta(), sizes)
+    log.info("index: %s over %d passages (dim %d) -> %s", plan.kind, plan.n_total, plan.dim, out)
+    return out
 
 
 def sample_rows(emb_dir: str | Path, n: int, size: int, seed: int) -> np.ndarray:

@@ -44,7 +44,7 @@ from rocketqa_ray.errors import ConfigError, DataError
 from rocketqa_ray.index.factory import apply_search_params, load_faiss, new_index, to_gpu, want_gpu
 from rocketqa_ray.index.search import merge_topk, offset_rows
 
-FORMAT_VERSION = 2  # 2: ids.parquet (1: ids.json, still read)
+FORMAT_VERSION = 3  # 3: one ids file per shard (2: ids.parquet, 1: ids.json; both still read)
 
 
 def as_matrix(x: Any, what: str, dim: int | None = None) -> np.ndarray:

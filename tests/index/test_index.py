@@ -15,6 +15,7 @@ from rocketqa_ray.config import IndexConfig
 from rocketqa_ray.errors import ConfigError, DataError, RocketQAError
 from rocketqa_ray.index import DenseIndex
 from rocketqa_ray.index.factory import choose_nlist, choose_pq_m, resolve_kind
+from rocketqa_ray.testing.vectors import mixture
 
 N, DIM, NQ, K = 5000, 64, 200, 100
 
@@ -22,19 +23,6 @@ N, DIM, NQ, K = 5000, 64, 200, 100
 # hnsw (M 16, efSearch 128) 0.996 recall@100 vs flat; PQ codes without re-ranking 0.88.
 IVFPQ_RECALL_FLOOR = 0.97
 HNSW_RECALL_FLOOR = 0.97
-
-
-def mixture(n: int, dim: int, seed: int, n_clusters: int = 50, rank: int = 8) -> np.ndarray:
-    """[n, dim] float32 unit vectors from a mixture of low-rank Gaussians (fixed components, `seed` = draw)."""
-    comp = np.random.default_rng(1234)
-    centers = comp.standard_normal((n_clusters, dim))
-    bases = comp.standard_normal((n_clusters, rank, dim)) * 0.35
-    rng = np.random.default_rng(seed)
-    c = rng.integers(0, n_clusters, size=n)
-    z = rng.standard_normal((n, rank))
-    x = centers[c] + np.einsum("nr,nrd->nd", z, bases[c]) + 0.25 * rng.standard_normal((n, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,10 +184,11 @@ def test_save_load_round_trip(tmp_path, data, kind):
     idx = DenseIndex.build(emb, ids, cfg, model_fingerprint="fp-a")
     out = idx.save(tmp_path / "ix")
     assert sorted(p.name for p in out.iterdir()) == [
-        "ids.parquet",
         "meta.json",
         "shard_00000.faiss",
+        "shard_00000.ids.parquet",
         "shard_00001.faiss",
+        "shard_00001.ids.parquet",
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp dirs left behind"
     back = DenseIndex.load(out, expect_dim=DIM, expect_fingerprint="fp-a")
@@ -241,11 +230,15 @@ def test_load_mismatches_are_clear(tmp_path, data):
         DenseIndex.load(out)
 
     out2 = DenseIndex.build(emb[:200], ids[:200], IndexConfig(use_gpu="false")).save(tmp_path / "ix2")
-    (out2 / "ids.parquet").write_bytes((out2 / "ids.parquet").read_bytes()[:100])
-    with pytest.raises(DataError, match="ids.parquet is missing or corrupt"):
+    ids_file = out2 / "shard_00000.ids.parquet"
+    ids_file.write_bytes(ids_file.read_bytes()[:100])
+    with pytest.raises(DataError, match="shard_00000.ids.parquet is missing or corrupt"):
         DenseIndex.load(out2)
     # a format-1 index (ids.json) still loads, and its ids are checked against the vectors the same way
-    (out2 / "ids.parquet").unlink()
+    ids_file.unlink()
+    meta = json.loads((out2 / "meta.json").read_text())
+    del meta["id_files"]
+    (out2 / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
     (out2 / "ids.json").write_text(json.dumps(ids[:200]))
     assert DenseIndex.load(out2).ids == ids[:200]
     (out2 / "ids.json").write_text(json.dumps(ids[:150]))
