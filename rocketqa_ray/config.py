@@ -50,6 +50,8 @@ class DataConfig:
     diagnostic_qrels: str | None = setting(None, help="qrels of known positives (labelled + unlabelled) of the "
                                            "training questions, as given or under path; read by reports only")
     seed: int = setting(0, help="seed of the held-out splits")
+    corpus_chunk_mb: float = setting(64.0, gt=0, help="bytes of corpus file each Ray task reads and validates into "
+                                     "one Parquet part (RUN_DIR/corpus)")
 
 
 @dataclass

@@ -34,7 +34,10 @@ def user_error(e: BaseException) -> RocketQAError | None:
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, RocketQAError):
-            return cur
+            # ray.get of a failed task raises a RayTaskError that also subclasses the error; its text is the
+            # worker's traceback, its `cause` the error itself
+            cause = getattr(cur, "cause", None)
+            return cause if isinstance(cause, RocketQAError) else cur
         cur = cur.__cause__ or cur.__context__
     m = re.search(r"rocketqa_ray\.errors\.(\w+): (.+)", str(e))
     cls = globals().get(m.group(1)) if m else None

@@ -78,19 +78,21 @@ def actor_kwargs(model_dir: Path, kind: str, cfg: EncodeConfig) -> dict:
 
 def encode_corpus(corpus_path: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: EncodeConfig,
                   kind: str = "passage", overwrite: bool = False, ray_cfg: RayConfig | None = None) -> Path:
-    """Encode every passage of a corpus (a BEIR folder, JSONL, JSONL.gz or Parquet) into `out_dir`.
+    """Encode every passage of a corpus (a BEIR folder, JSONL, JSONL.gz, Parquet or a corpus store) into `out_dir`.
 
     Output: `part-XXXXX.parquet` shards of `cfg.rows_per_shard` rows (`row` int64 in corpus order, `id` str,
     `emb` fixed_size_list<float32>[H]) and, last, `_SUCCESS.json` (n_rows, dim, model_fingerprint).
     Rerunning after a crash computes only the missing shards; rerunning a finished job on an unchanged
     corpus does nothing. A passage without text or an empty corpus is a `DataError`.
     """
+    from rocketqa_ray.data import corpus_store
     from rocketqa_ray.data.beir import find_corpus, iter_corpus, passage_text
     from rocketqa_ray.modeling.base import model_fingerprint
 
     model_dir = resolve_model_dir(model_dir)
     corpus = Path(corpus_path)
-    if corpus.is_dir():
+    stored = corpus_store.record(corpus) if corpus.is_dir() else None
+    if corpus.is_dir() and stored is None:
         corpus = find_corpus(corpus)
     elif not corpus.exists():
         raise DataError(f"corpus {corpus} does not exist")
@@ -98,8 +100,13 @@ def encode_corpus(corpus_path: str | Path, model_dir: str | Path, out_dir: str |
     job = {"task": "encode", "kind": kind, "model_fingerprint": fp, "rows_per_shard": cfg.rows_per_shard}
 
     def rows() -> Iterator[dict]:
-        # Ids only (not texts) are held, as load_beir does: an index with a duplicate id would return one passage
-        # under two rows; the distributed check for corpora past one driver's memory is the scale-out work's.
+        if stored is not None:  # a corpus store (`batch.corpus`): validated and free of duplicates when read in
+            for t in corpus_store.iter_parts(corpus, ["id", "title", "text"]):
+                for pid, title, text in zip(*(t.column(c).to_pylist() for c in ("id", "title", "text"))):
+                    yield {"id": pid, "text": passage_text(title, text)}
+            return
+        # A plain file: its ids (not texts) are held, as load_beir does, since an index with a duplicate id would
+        # return one passage under two rows. A corpus store checks them with a distributed aggregation instead.
         seen: set[str] = set()
         for i, p in enumerate(iter_corpus(corpus)):
             if p["_id"] in seen:
@@ -113,8 +120,9 @@ def encode_corpus(corpus_path: str | Path, model_dir: str | Path, out_dir: str |
         dim = pq.read_schema(plan.out_dir / part_name(0)).field("emb").type.list_size
         return {"dim": int(dim), "model_fingerprint": fp, "kind": kind, "model_dir": str(model_dir)}
 
+    source = stored["source"] if stored is not None else source_stat(corpus)
     return run_job(rows, out_dir, job, ["id", "text"], EncoderActor, actor_kwargs(model_dir, kind, cfg), cfg,
-                   source=source_stat(corpus), extra=extra, overwrite=overwrite, ray_cfg=ray_cfg)
+                   source=source, extra=extra, overwrite=overwrite, ray_cfg=ray_cfg)
 
 
 def write_embeddings(out_dir: str | Path, ids: list[str], emb: np.ndarray, rows_per_shard: int = 4096,
@@ -152,6 +160,25 @@ def iter_embeddings(out_dir: str | Path) -> Iterator[tuple[list[str], np.ndarray
     """(ids, float32 [n, H]) shard by shard, in corpus order: for building indexes without one big array."""
     for table in iter_parts(out_dir, ["id", "emb"]):
         yield table.column("id").to_pylist(), matrix(table, "emb")
+
+
+def lookup_embeddings(out_dir: str | Path, ids: set[str]) -> dict[str, np.ndarray]:
+    """{id: float32 [H]} for the given ids only, streamed part by part: memory follows len(ids), not the corpus.
+    An id the encoding does not hold is a DataError."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    want = pa.array(sorted(ids), pa.string())
+    out: dict[str, np.ndarray] = {}
+    for table in iter_parts(out_dir, ["id", "emb"]):
+        hit = table.filter(pc.is_in(table.column("id"), value_set=want))
+        if hit.num_rows:
+            out.update(zip(hit.column("id").to_pylist(), matrix(hit, "emb")))
+    missing = ids - out.keys()
+    if missing:
+        raise DataError(f"{out_dir}: no embedding for {len(missing)} id(s), e.g. {sorted(missing)[0]!r}; rerun the "
+                        "encoding")
+    return out
 
 
 def load_embeddings(out_dir: str | Path) -> tuple[list[str], np.ndarray]:

@@ -42,7 +42,8 @@ def build_index(emb_dir: str | Path, cfg: IndexConfig, out_dir: str | Path, ray_
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
     plan = plan_index(emb_dir, cfg, seed=seed)
-    fill = ray.remote(fill_and_write).options(num_cpus=cfg.build_cpus, max_retries=3)
+    # SPREAD: the shards, their reads and their memory go to every node, not the first that has room
+    fill = ray.remote(fill_and_write).options(num_cpus=cfg.build_cpus, max_retries=3, scheduling_strategy="SPREAD")
     out = Path(out_dir)
     sizes = [0] * len(plan.ranges)
     peak = 0.0

@@ -4,7 +4,8 @@
     rocketqa-ray index --embeddings OUT/embeddings --out OUT/index --kind ivfpq --set index.nprobe=64
     python jobs/index.py ...                                           # the same, from a checkout
 
-The index records the encoding model's fingerprint, so searching it with another model is refused.
+Each shard (`index.shard_size` vectors) is filled and written by its own Ray task, reading the embedding parts
+itself; the index records the encoding model's fingerprint, so searching it with another model is refused.
 Prints the index description (kind, size, dim, fingerprint) as JSON.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from pathlib import Path
 
 from rocketqa_ray.commands.args import add_config_args, check_out_dir
 from rocketqa_ray.config import IndexKind
@@ -28,13 +28,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rocketqa_ray.batch.index_build import build_index
     from rocketqa_ray.config import load_config
-    from rocketqa_ray.index.build import build_index_from_embeddings
-    from rocketqa_ray.io import read_json
 
     check_out_dir(args.out, "--out")
     overrides = list(args.overrides) + ([f"index.kind={args.kind}"] if args.kind else [])
     cfg = load_config(args.preset, args.config, overrides)
-    out = build_index_from_embeddings(args.embeddings, cfg.index, args.out)
-    print(json.dumps(read_json(Path(out) / "meta.json"), indent=2))
+    meta = build_index(args.embeddings, cfg.index, args.out, cfg.ray)
+    print(json.dumps(meta, indent=2))
     return 0

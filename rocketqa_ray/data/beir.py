@@ -11,7 +11,7 @@ import codecs
 import gzip
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,14 +35,22 @@ def find_corpus(data_dir: str | Path) -> Path:
     raise DataError(f"{d}: no corpus found; expected one of {', '.join(CORPUS_NAMES)}")
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def iter_lines(path: str | Path, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file (gzip if it ends in .gz); a leading byte-order mark is skipped, and
-    bytes that are not UTF-8 are a DataError naming the file, line and byte offset."""
+    bytes that are not UTF-8 are a DataError naming the file, line and byte offset.
+
+    `start`/`end` read only the lines that start in that byte range (`start` at a line start, `first_line` its
+    number): how parallel readers split one file (`data.corpus_store`). Not for gzip, which cannot seek."""
     path = Path(path)
-    offset = 0
+    offset = start
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        if start:
+            f.seek(start)
+        for lineno, raw in enumerate(f, first_line):
+            if end is not None and offset >= end:
+                break
+            if offset == 0 and raw.startswith(codecs.BOM_UTF8):
                 raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
             try:
                 line = raw.decode("utf-8")
@@ -53,9 +61,10 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             yield lineno, line
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; malformed JSON names the file and line."""
-    for lineno, line in iter_lines(path):
+def iter_jsonl(path: Path, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line (of a byte range: `iter_lines`); malformed JSON names the
+    file and line."""
+    for lineno, line in iter_lines(path, start, end, first_line):
         if not line.strip():
             continue
         try:
@@ -236,13 +245,24 @@ def load_beir(root: str | Path, splits: tuple[str, ...] = ("train", "test"), che
         qrels = load_qrels(path)
         if not qrels:
             raise DataError(f"{path}: split '{split}' has no relevant (score > 0) pairs")
-        for qid, rels in qrels.items():
+        for qid in qrels:
             if qid not in queries:
                 raise DataError(f"{path}:{_qrels_line(path, qid)}: query id {qid!r} is not in queries.jsonl")
-            if check_corpus:
-                for pid in rels:
-                    if pid not in data.passage_ids:
-                        raise DataError(f"{path}:{_qrels_line(path, qid, pid)}: corpus id {pid!r} (query {qid!r}) "
-                                        f"is not in {corpus_path.name}")
         data.qrels[split] = qrels
+    if check_corpus:
+        check_qrels_passages(data, lambda ids: ids - data.passage_ids)
     return data
+
+
+def check_qrels_passages(data: BeirData, missing_of: Callable[[set[str]], set[str]]) -> None:
+    """Every passage the qrels name must be in the corpus: `missing_of(ids)` says which are not (a set in memory,
+    or a distributed lookup in a corpus store); the first is a DataError naming the qrels file and line."""
+    wanted = {pid for qrels in data.qrels.values() for rels in qrels.values() for pid in rels}
+    missing = missing_of(wanted)
+    for split, qrels in data.qrels.items():
+        path = data.root / "qrels" / f"{split}.tsv"
+        for qid, rels in qrels.items():
+            for pid in rels:
+                if pid in missing:
+                    raise DataError(f"{path}:{_qrels_line(path, qid, pid)}: corpus id {pid!r} (query {qid!r}) "
+                                    f"is not in {data.corpus_path.name}")

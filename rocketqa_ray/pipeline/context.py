@@ -8,12 +8,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rocketqa_ray.config import Config
-from rocketqa_ray.data.beir import BeirData, load_beir, load_corpus, load_qrels, passage_text
+from rocketqa_ray.data.beir import (
+    BeirData,
+    check_qrels_passages,
+    find_corpus,
+    load_beir,
+    load_corpus,
+    load_qrels,
+    passage_text,
+)
 from rocketqa_ray.data.splits import Splits, split_questions
+from rocketqa_ray.errors import ConfigError
 from rocketqa_ray.io import read_json_if_valid, write_json
 from rocketqa_ray.types import PairScores, Qrels
 
 if TYPE_CHECKING:
+    from rocketqa_ray.batch.search import Searchers
     from rocketqa_ray.retrieval.bm25 import BM25Retriever
     from rocketqa_ray.retrieval.bm25_stats import PairScorer
 
@@ -32,12 +42,36 @@ class Context:
         self._bm25: BM25Retriever | None = None
         self._pairs: PairScorer | None = None
         self._known: Qrels | None = None
+        self._searchers: Searchers | None = None
+        self._store: Path | None = None
 
     @property
     def data(self) -> BeirData:
+        """Queries and qrels, checked; the qrels' passage ids are looked up in the corpus store (no set of every
+        passage id in the driver)."""
         if self._data is None:
-            self._data = load_beir(self.cfg.data.path, splits=(self.cfg.data.train_split, self.cfg.data.test_split))
+            from rocketqa_ray.batch.corpus import missing_ids
+
+            data = load_beir(self.cfg.data.path, splits=(self.cfg.data.train_split, self.cfg.data.test_split),
+                             check_corpus=False)
+            store = self.corpus_store
+            check_qrels_passages(data, lambda ids: missing_ids(store, ids))
+            self._data = data
         return self._data
+
+    @property
+    def corpus_store(self) -> Path:
+        """RUN_DIR/corpus: the corpus read once by Ray tasks into validated Parquet parts (`batch.corpus`);
+        malformed lines and duplicate ids stop the run here, named by file and line."""
+        if self._store is None:
+            from rocketqa_ray.batch.corpus import ingest_corpus
+            from rocketqa_ray.ray_utils import ensure_ray
+
+            ensure_ray(self.cfg.ray)
+            out = self.run_dir / "corpus"
+            ingest_corpus(find_corpus(self.cfg.data.path), out, self.cfg.data.corpus_chunk_mb, self.cfg.ray)
+            self._store = out
+        return self._store
 
     @property
     def corpus(self) -> dict[str, dict]:
@@ -102,6 +136,27 @@ class Context:
     def bm25_scores(self, pairs: list[tuple[str, str]]) -> PairScores:
         q = {qid: self.qtext(qid) for qid, _ in pairs}
         return dict(zip(pairs, self.bm25_pairs.score_pairs(pairs, q, self.ptext).tolist()))
+
+    def searchers(self, index_dir: Path, model_dir: Path) -> Searchers:
+        """Searcher actors over `index_dir` (one set alive at a time; `close` stops them), checked against the
+        query encoder `model_dir`."""
+        from rocketqa_ray.batch.search import Searchers
+        from rocketqa_ray.modeling.base import model_fingerprint
+
+        fp = model_fingerprint(model_dir)
+        if self._searchers is not None and self._searchers.index_dir == Path(index_dir):
+            if self._searchers.model_fingerprint not in (None, fp):
+                raise ConfigError(f"the index {index_dir} was built with another model than {model_dir}")
+            return self._searchers
+        self.close()
+        self._searchers = Searchers(index_dir, self.cfg.index, expect_fingerprint=fp, ray_cfg=self.cfg.ray)
+        return self._searchers
+
+    def close(self) -> None:
+        """Stop the searcher actors: between stages their CPUs go back to training and encoding."""
+        if self._searchers is not None:
+            self._searchers.close()
+            self._searchers = None
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name

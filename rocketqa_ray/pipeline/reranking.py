@@ -40,9 +40,6 @@ def candidate_table(ctx: Context, ranked: RankedHits, scores: dict, labels: dict
 def dev_check(ctx: Context, retriever: str, d: Path) -> RerankCheck:
     """The fusion for `retriever` and the rerank verdict, fit and judged on its top `eval.rerank_top_k` for the
     held-out dev questions (read back from d/rerank_check.json on a resumed run)."""
-    from rocketqa_ray.index import DenseIndex
-    from rocketqa_ray.modeling.base import model_fingerprint
-
     saved = read_json_if_valid(d / RERANK_CHECK)
     if saved is not None:
         return RerankCheck.from_dict(saved)
@@ -55,8 +52,7 @@ def dev_check(ctx: Context, retriever: str, d: Path) -> RerankCheck:
         check = RerankCheck(step2, True, {}, f"{why}: the rerank uses step 2's fusion and is not checked")
     else:
         model_dir = ctx.stage_dir(retriever) / "model"
-        index = DenseIndex.load(ctx.stage_dir(retriever) / "index", expect_fingerprint=model_fingerprint(model_dir))
-        ranked = retrieve(ctx, model_dir, index, dev, cfg.eval.rerank_top_k)
+        ranked = retrieve(ctx, model_dir, ctx.stage_dir(retriever) / "index", dev, cfg.eval.rerank_top_k)
         scores = ce_scores(ctx, [(q, p) for q, items in ranked.items() for p, _ in items], d / "dev_scores")
         use_fusion = cfg.cross.fusion
         table = candidate_table(ctx, ranked, scores, ctx.train_qrels, use_fusion and cfg.cross.fusion_bm25)

@@ -94,7 +94,10 @@ class Pipeline:
             say("stage %s: starting", name)
             t0 = time.time()
             d.mkdir(parents=True, exist_ok=True)
-            res = st.run(self.ctx, self.cfg, d)
+            try:
+                res = st.run(self.ctx, self.cfg, d)
+            finally:
+                self.ctx.close()
             res.seconds = round(time.time() - t0, 1)
             write_json(marker, {"stage": name, "digest": digest, "fingerprint": fp, "metrics": res.metrics,
                                 "stats": res.stats, "seconds": res.seconds, "inputs": self.inputs,

@@ -12,15 +12,15 @@ import numpy as np
 
 from rocketqa_ray.config import Config
 from rocketqa_ray.evaluation import full_report, write_trec_run
-from rocketqa_ray.io import read_json, read_json_if_valid, write_json
+from rocketqa_ray.io import read_json_if_valid, write_json
 from rocketqa_ray.pipeline.context import Context, TextView
+from rocketqa_ray.retrieval.candidates import read_hits
 from rocketqa_ray.types import PairScores, RankedHits, RankedIds, Run
 
 if TYPE_CHECKING:
-    from rocketqa_ray.index import DenseIndex
     from rocketqa_ray.retrieval.fusion import Fusion
 
-TRAIN_TOP = "train_top.json"  # md0's top-k for the labelled training questions, gold excluded
+TRAIN_TOP = "train_top"  # candidates folder: md0's top-k for the labelled training questions, gold excluded
 HELDOUT = "heldout.json"  # a dual encoder's held-out figures (`heldout_eval`)
 
 
@@ -39,40 +39,63 @@ def evaluate(ctx: Context, run: Run, d: Path, name: str) -> dict:
     return full_report(run, ctx.test_qrels, answers if has else None, TextView(ctx), ctx.cfg.eval.answer_k)
 
 
-def dense_index(ctx: Context, model_dir: Path, d: Path) -> DenseIndex:
-    """Encode the corpus with Ray Data and build (or load) the FAISS index for `model_dir`."""
-    from rocketqa_ray.batch.encode import encode_corpus, load_embeddings
-    from rocketqa_ray.index import DenseIndex
+def dense_index(ctx: Context, model_dir: Path, d: Path) -> Path:
+    """Encode the corpus with Ray Data and build the FAISS index shard by shard in Ray tasks (`index.*` config);
+    returns the index folder, d/index. The driver never holds the embeddings or the index."""
+    from rocketqa_ray.batch.encode import encode_corpus
+    from rocketqa_ray.batch.index_build import build_index
+    from rocketqa_ray.index.store import read_meta
     from rocketqa_ray.modeling.base import model_fingerprint
 
     start_ray(ctx)
-    fp = model_fingerprint(model_dir)
-    if (d / "index" / "meta.json").exists():
-        return DenseIndex.load(d / "index", expect_fingerprint=fp)
-    emb_dir = encode_corpus(str(ctx.data.corpus_path), str(model_dir), str(d / "embeddings"), ctx.cfg.encode)
-    ids, emb = load_embeddings(emb_dir)
-    index = DenseIndex.build(emb, ids, ctx.cfg.index, model_fingerprint=fp)
-    index.save(d / "index")
-    return index
+    out = d / "index"
+    if (out / "meta.json").exists():
+        read_meta(out, expect_fingerprint=model_fingerprint(model_dir))
+        return out
+    emb_dir = encode_corpus(str(ctx.corpus_store), str(model_dir), str(d / "embeddings"), ctx.cfg.encode)
+    build_index(emb_dir, ctx.cfg.index, out, ctx.cfg.ray, seed=ctx.cfg.data.seed)
+    return out
 
 
-def retrieve(ctx: Context, model_dir: Path, index: DenseIndex, qids: list[str], k: int,
+def retrieve(ctx: Context, model_dir: Path, index_dir: Path, qids: list[str], k: int,
              exclude: dict[str, set[str]] | None = None) -> RankedHits:
-    from rocketqa_ray.retrieval.dense import retrieve as retrieve_dense
+    """Top-k (pid, score) per question from the stage's searcher actors, minus `exclude[qid]`. Up to
+    `encode.driver_max_queries` questions are encoded here and searched directly; more go through the Ray Data
+    flow (`mine_candidates`), whose candidates are read back."""
+    from rocketqa_ray.retrieval.dense import encode_queries
 
-    return retrieve_dense(str(model_dir), index, qids, [ctx.qtext(q) for q in qids], k, exclude=exclude,
-                          cfg=ctx.cfg.encode)
+    if len(qids) > ctx.cfg.encode.driver_max_queries:
+        # a scratch folder: the flow keeps nothing in the driver, the caller asked for the hits in memory
+        scratch = index_dir.parent / "candidates" / "scratch"
+        return read_hits(mine_candidates(ctx, model_dir, index_dir, qids, k, exclude, scratch))
+    searchers = ctx.searchers(index_dir, model_dir)
+    if not qids:
+        return {}
+    q = encode_queries(model_dir, qids, [ctx.qtext(x) for x in qids], ctx.cfg.encode, use_ray=False)
+    ex = [sorted(exclude.get(x, ())) for x in qids] if exclude else None
+    return dict(zip(qids, searchers.search(q, k, ex)))
 
 
-def dense_eval(ctx: Context, model_dir: Path, d: Path, name: str) -> tuple[dict, DenseIndex]:
-    """Index the corpus with `model_dir`, retrieve for the test questions, evaluate."""
-    index = dense_index(ctx, model_dir, d)
-    ranked = retrieve(ctx, model_dir, index, ctx.splits.test, ctx.cfg.eval.depth)
+def mine_candidates(ctx: Context, model_dir: Path, index_dir: Path, qids: list[str], k: int,
+         exclude: dict[str, set[str]] | None, out: Path) -> Path:
+    """Every question's top-k (minus `exclude`) into the candidates folder `out`, through Ray Data and the
+    searcher actors (`batch.search.retrieve_to_parquet`): nothing per question stays in the driver."""
+    from rocketqa_ray.batch.search import retrieve_to_parquet
+
+    searchers = ctx.searchers(index_dir, model_dir)
+    return retrieve_to_parquet(searchers, model_dir, qids, [ctx.qtext(x) for x in qids], out, k,
+                               {q: sorted(v) for q, v in (exclude or {}).items()}, ctx.cfg.encode, ctx.cfg.ray)
+
+
+def dense_eval(ctx: Context, model_dir: Path, d: Path, name: str) -> tuple[dict, Path]:
+    """Index the corpus with `model_dir`, retrieve for the test questions, evaluate; returns the index folder too."""
+    index_dir = dense_index(ctx, model_dir, d)
+    ranked = retrieve(ctx, model_dir, index_dir, ctx.splits.test, ctx.cfg.eval.depth)
     run = {q: dict(items) for q, items in ranked.items()}
-    return evaluate(ctx, run, d, name), index
+    return evaluate(ctx, run, d, name), index_dir
 
 
-def heldout_eval(ctx: Context, model_dir: Path, index: DenseIndex, d: Path, trained_on_pseudo: bool = False) -> dict:
+def heldout_eval(ctx: Context, model_dir: Path, index_dir: Path, d: Path, trained_on_pseudo: bool = False) -> dict:
     """MRR@10 / R@20 on held-out questions no model trains on: the dev split (`data.dev_fraction`), or where
     there is none, step 4's questions with their hidden labels (unless this model trained on them). For choosing
     settings without the test split, and for the check that a dual encoder improved on the previous one; written
@@ -85,7 +108,7 @@ def heldout_eval(ctx: Context, model_dir: Path, index: DenseIndex, d: Path, trai
         which, qids = "pseudo", [q for q in ctx.splits.pseudo if q in qrels]
     if not qids:
         return {}
-    ranked = retrieve(ctx, model_dir, index, qids, 20)
+    ranked = retrieve(ctx, model_dir, index_dir, qids, 20)
     m = evaluate_run({q: dict(v) for q, v in ranked.items()}, {q: qrels[q] for q in qids}, ("mrr@10", "recall@20"))
     out = {"heldout_set": which, "heldout_questions": len(qids), **{f"heldout_{k}": v for k, v in m.items()}}
     write_json(d / HELDOUT, out)
@@ -124,6 +147,7 @@ def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], ini
     from rocketqa_ray.train.launch import train_dual
 
     start_ray(ctx)
+    ctx.close()  # the searchers' CPUs go to the Train workers
     if init is not None:
         d_cfg = cfg.dual
         cfg = replace(cfg, dual=replace(
@@ -197,7 +221,7 @@ def gold_positive(ctx: Context, qids: list[str]) -> dict[str, str]:
 
 def train_top(ctx: Context, stage: str = "md0") -> RankedIds:
     """The stage's top-k for the labelled training questions, gold excluded (hard-negative candidates)."""
-    return read_json(ctx.stage_dir(stage) / TRAIN_TOP)
+    return {q: [p for p, _ in hits] for q, hits in read_hits(ctx.stage_dir(stage) / TRAIN_TOP).items()}
 
 
 def fusion(ctx: Context) -> Fusion | None:
@@ -207,14 +231,14 @@ def fusion(ctx: Context) -> Fusion | None:
 
 
 def dense_scores(ctx: Context, stage: str, pairs: list[tuple[str, str]]) -> np.ndarray:
-    """A dense stage's scores q . p for (qid, pid) pairs, from its corpus embeddings (queries encoded here)."""
-    from rocketqa_ray.batch.encode import load_embeddings
+    """A dense stage's scores q . p for (qid, pid) pairs: the passages' vectors are read from its embedding parts
+    (only those), the questions encoded here."""
+    from rocketqa_ray.batch.encode import lookup_embeddings
     from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
     model = DualEncoder.load(ctx.stage_dir(stage) / "model")
-    ids, emb = load_embeddings(ctx.stage_dir(stage) / "embeddings")
-    row = {pid: i for i, pid in enumerate(ids)}
+    vec = lookup_embeddings(ctx.stage_dir(stage) / "embeddings", {p for _, p in pairs})
     qids = sorted({q for q, _ in pairs})
     qemb = dict(zip(qids, model.encode([ctx.qtext(q) for q in qids], "query", ctx.cfg.encode.batch_size,
                                        ctx.cfg.encode.bf16)))
-    return np.array([float(qemb[q] @ emb[row[p]]) for q, p in pairs])
+    return np.array([float(qemb[q] @ vec[p]) for q, p in pairs])

@@ -120,6 +120,8 @@ PLACEMENT = ["--set", "ray.num_workers=2", "--set", "ray.cpus_per_worker=2", "--
              "--set", "encode.cpus_per_actor=1"]
 TRAIN_WORKER = "RayTrainWorker"
 SHARD_ENCODER = "MapBatches(ShardActor)"  # Ray Data actor-pool workers of corpus encoding / scoring
+SEARCHER = "ShardSearcher"  # the actors holding index shards (batch.search)
+SHARD_TASK = "fill_and_write"  # the tasks filling index shards (batch.index_build)
 
 
 # Ray Data starts dispatching as soon as one pool actor is up; with tiny models the first actor can finish
@@ -146,19 +148,29 @@ def _actors(cluster: LocalCluster, job_id: str) -> list[dict]:
                         limit=10000, raise_on_missing_output=False)]
 
 
+def _tasks(cluster: LocalCluster, job_id: str, name: str) -> list[dict]:
+    from ray.util.state import list_tasks
+
+    return [t.__dict__ if not isinstance(t, dict) else t for t in
+            list_tasks(address=cluster.dashboard_url, filters=[("job_id", "=", job_id), ("name", "=", name)],
+                       detail=True, limit=10000, raise_on_missing_output=False)]
+
+
 def _ray_job_id(cluster: LocalCluster, submission_id: str) -> str:
     return cluster.job_info(submission_id)["job_id"]
 
 
 @pytest.mark.slow
 def test_pipeline_runs_across_two_nodes(two_nodes, tmp_path):
-    """md0 through `ray job submit`: Train workers and Ray Data encoding actors land on both nodes."""
+    """md0 through `ray job submit`: Train workers, Ray Data encoding actors, index-shard tasks and searcher actors
+    land on both nodes."""
     cluster = two_nodes
     nodes = cluster.node_ids()
     assert set(nodes) == {"head", "w1"}, nodes
     out = tmp_path / "run"
     res = cluster.submit(["python", "jobs/pipeline.py", "--preset", "tiny", "--out", str(out), "--stages", "md0",
-                          *PLACEMENT, "--set", "encode.rows_per_shard=250"], timeout=900)
+                          *PLACEMENT, "--set", "encode.rows_per_shard=250", "--set", "index.shard_size=500"],
+                         timeout=900)
     assert res.status == "SUCCEEDED" and res.returncode == 0, res.logs[-5000:]
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["stages"]["md0"]["mrr@10"] <= 1.0
@@ -170,6 +182,10 @@ def test_pipeline_runs_across_two_nodes(two_nodes, tmp_path):
     where = {v: k for k, v in nodes.items()}
     assert train == set(where), f"Train workers ran on {[where.get(n, n) for n in train]}"
     assert encode == set(where), f"encoding actors ran on {[where.get(n, n) for n in encode]}"
+    searchers = {a["node_id"] for a in actors if SEARCHER in a["class_name"]}
+    assert searchers == set(where), f"searcher actors ran on {[where.get(n, n) for n in searchers]}"
+    shards = {t["node_id"] for t in _tasks(cluster, _ray_job_id(cluster, res.job_id), SHARD_TASK)}
+    assert shards == set(where), f"index shards were filled on {[where.get(n, n) for n in shards]}"
 
 
 def _synthetic_corpus(path: Path, n: int, seed: int = 0) -> list[str]:

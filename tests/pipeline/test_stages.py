@@ -19,6 +19,8 @@ from rocketqa_ray.modeling.base import model_fingerprint, read_meta
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, retriever_stages, stage_names, stages
 from rocketqa_ray.pipeline.runner import Pipeline
+from rocketqa_ray.pipeline.shared import train_top
+from rocketqa_ray.retrieval.candidates import read_hits
 from rocketqa_ray.testing.small_data import N_PASSAGES, N_TEST, N_TRAIN, write_small_beir
 from rocketqa_ray.types import RankedIds
 
@@ -84,9 +86,11 @@ def small_data(tmp_path_factory) -> Path:
 def _cfg(data: Path, *overrides: str) -> Config:
     # Pseudo-label thresholds at 0: every step-4 question gets a positive from the untrained cross-encoder,
     # so md2 always has pseudo-labelled rows to add. The diagnostic qrels feed only the false-negative reports.
+    # The index: 3 shards of 120 passages in 2 searcher actors, so every stage searches a sharded index.
     return load_config("tiny", overrides=[f"data.path={data}", "mining.pseudo_pos_threshold=0.0",
                                           "mining.pseudo_neg_threshold=0.0", f"data.diagnostic_qrels={KNOWN}",
-                                          *overrides])
+                                          "index.shard_size=120", "index.shards_per_searcher=2",
+                                          "index.searcher_cpus=0.1", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,7 @@ def _bm25_pool(run: StageRunner) -> RankedIds:
     from rocketqa_ray.pipeline.shared import bm25_negatives
 
     m, ctx = run.cfg.mining, run.ctx
-    top = read_json(run.dir("md0") / "train_top.json")
+    top = train_top(run.ctx, "md0")
     lexical = bm25_negatives(ctx, ctx.splits.train, m.bm25_negatives)
     return {q: list(dict.fromkeys(top[q][: m.denoise_top] + lexical[q])) for q in ctx.splits.train}
 
@@ -188,7 +192,7 @@ def test_stage_fingerprint_follows_the_sections_it_reads(name, small_data, tmp_p
 UNDECLARED = [
     pytest.param("bm25", "eval.depth=50", id="bm25-eval.depth"),  # search depth: recall@100
     pytest.param("bm25", "eval.answer_k=5", id="bm25-eval.answer_k"),  # answer_acc@k
-    pytest.param("md0", "mining.top_k=20", id="md0-mining.top_k"),  # length of train_top.json
+    pytest.param("md0", "mining.top_k=20", id="md0-mining.top_k"),  # length of md0/train_top
     pytest.param("md0", "mining.seed=3", id="md0-mining.seed"),  # shuffles its training rows (dual_examples)
     pytest.param("md0_inbatch", "mining.seed=3", id="md0_inbatch-mining.seed"),
     pytest.param("md1_undenoised", "bm25.k1=1.5", id="md1_undenoised-bm25.k1"),  # its BM25 negatives (no mc dep)
@@ -283,7 +287,7 @@ def test_zero_shot(run, tmp_path):
     _metrics_ok(res.metrics)
     assert (d / "model" / "config.json").exists()
     index = DenseIndex.load(d / "index", expect_fingerprint=model_fingerprint(d / "model"))
-    assert len(index) == N_PASSAGES
+    assert len(index) == N_PASSAGES and index.meta["shards"] == len(read_json(d / "index" / "meta.json")["files"])
     assert set(index.ids) == set(run.ctx.corpus)
     # the untrained base model, as saved by DualEncoder.from_base
     again = DualEncoder.from_base(run.cfg.model).save(tmp_path / "model")
@@ -297,8 +301,9 @@ def test_md0_mines_top_k_without_gold(run):
     res = run("md0")
     d, ctx, k = run.dir("md0"), run.ctx, run.cfg.mining.top_k
     _metrics_ok(res.metrics)
-    top = read_json(d / "train_top.json")
+    top = train_top(ctx, "md0")
     assert set(top) == set(ctx.splits.train)
+    assert len(read_hits(d / "train_top")) == len(top)  # the candidates folder, one row per question
     for q, pids in top.items():
         assert len(pids) == k and len(set(pids)) == k
         assert not set(pids) & set(ctx.train_qrels[q]), f"{q}: gold passage among its hard-negative candidates"
@@ -322,7 +327,7 @@ def test_md0_inbatch(run):
     assert res.stats["cross_batch"] is False
     assert res.stats["negatives_per_query"] == run.cfg.dual.batch_size - 1
     assert _spec(d)["config"]["dual"]["cross_batch"] is False
-    assert not (d / "train_top.json").exists()  # only md0 mines
+    assert not (d / "train_top").exists()  # only md0 mines
     assert (d / "index" / "meta.json").exists()
     # same rows and seed as md0: only the negatives seen in the loss differ, so the weights do
     run("md0")
@@ -538,7 +543,7 @@ def test_md1_denoised_pool(run):
     _metrics_ok(res.metrics)
     pool = read_json(d / "hard_negative_pool.json")
     cands = _bm25_pool(run)
-    md0_top = read_json(run.dir("md0") / "train_top.json")
+    md0_top = train_top(run.ctx, "md0")
     assert set(pool) == set(ctx.splits.train)
     for q, pids in pool.items():
         assert set(pids) <= set(cands[q])  # md0's candidates plus BM25's negatives, nothing else
@@ -597,7 +602,7 @@ def test_md1_reports_known_false_negatives_removed(run):
         assert r["precision_lower_bound"] == pytest.approx(len(fn_dropped) / len(dropped), abs=1e-4)
     assert r["known_false_negatives_kept"] == len(fn) - len(fn_dropped)
     # per source: md0's top denoise_top and BM25's negatives, each counted over its own candidates
-    top = read_json(run.dir("md0") / "train_top.json")
+    top = train_top(run.ctx, "md0")
     md0_fn = sum(1 for q, ps in top.items() for p in ps[: run.cfg.mining.denoise_top] if p in known.get(q, {}))
     assert res.stats["false_negatives"]["md0"]["known_false_negatives"] == md0_fn
     assert set(res.stats["false_negatives"]) == {"all", "md0", "bm25"}

@@ -29,5 +29,5 @@ def zero_shot(ctx: Context, cfg: Config, d: Path) -> StageResult:
     model_dir = d / "model"
     if not model_dir.exists():
         DualEncoder.from_base(cfg.model).save(model_dir)
-    metrics, index = dense_eval(ctx, model_dir, d, "zero_shot")
-    return StageResult(metrics, heldout_eval(ctx, model_dir, index, d))
+    metrics, index_dir = dense_eval(ctx, model_dir, d, "zero_shot")
+    return StageResult(metrics, heldout_eval(ctx, model_dir, index_dir, d))

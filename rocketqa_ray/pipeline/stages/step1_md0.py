@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from rocketqa_ray.config import Config
-from rocketqa_ray.io import write_json
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
@@ -16,11 +15,10 @@ from rocketqa_ray.pipeline.shared import (
     dual_encoder_check,
     dual_examples,
     heldout_eval,
-    retrieve,
+    mine_candidates,
     train_dual_encoder,
     training_summary,
 )
-from rocketqa_ray.rocketqa.negatives import exclude_gold
 
 # mining: md0 writes its top mining.top_k for the training questions (steps 2 and 3 read them)
 SECTIONS = ("data", "model", "dual", "index", "eval", "mining")
@@ -28,20 +26,19 @@ SECTIONS = ("data", "model", "dual", "index", "eval", "mining")
 
 def train_md0(ctx: Context, cfg: Config, d: Path, mine: bool) -> StageResult:
     """Train on the labelled training questions, evaluate; with `mine`, write their top `mining.top_k`
-    (gold excluded) to d/train_top.json."""
+    (gold excluded) to the candidates folder d/train_top."""
     train = ctx.splits.train
     model_dir = train_dual_encoder(ctx, cfg, d, dual_examples(ctx, train, None))
-    metrics, index = dense_eval(ctx, model_dir, d, d.name)
+    metrics, index_dir = dense_eval(ctx, model_dir, d, d.name)
     stats = {"train_questions": len(train), "cross_batch": cfg.dual.cross_batch, "workers": cfg.ray.num_workers,
              "negatives_per_query": cfg.dual.batch_size * (cfg.ray.num_workers if cfg.dual.cross_batch else 1) - 1,
-             **training_summary(d), **heldout_eval(ctx, model_dir, index, d)}
+             **training_summary(d), **heldout_eval(ctx, model_dir, index_dir, d)}
     if mine:  # the recipe's M_D0, not its ablation: it must improve on the untrained model
         stats.update(dual_encoder_check(ctx, d.name, "zero_shot", stats))
     if mine:
         qrels = ctx.train_qrels
         k = cfg.mining.top_k
-        ranked = retrieve(ctx, model_dir, index, train, k, exclude={q: set(qrels[q]) for q in train})
-        write_json(d / TRAIN_TOP, exclude_gold({q: [p for p, _ in v] for q, v in ranked.items()}, qrels, k))
+        mine_candidates(ctx, model_dir, index_dir, train, k, {q: set(qrels[q]) for q in train}, d / TRAIN_TOP)
     return StageResult(metrics, stats)
 
 

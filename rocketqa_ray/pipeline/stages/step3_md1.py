@@ -73,10 +73,10 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     rows = dual_examples(ctx, train, pool)
     init = ctx.stage_dir("md0") / "model" if cfg.dual.init == "previous" else None
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
-    metrics, index = dense_eval(ctx, model_dir, d, d.name)
+    metrics, index_dir = dense_eval(ctx, model_dir, d, d.name)
     stats["train_questions"] = len(rows)
     stats.update(training_summary(d))
-    heldout = heldout_eval(ctx, model_dir, index, d)
+    heldout = heldout_eval(ctx, model_dir, index_dir, d)
     stats.update(heldout)
     if denoised:
         stats.update(dual_encoder_check(ctx, d.name, "md0", heldout))

@@ -32,8 +32,6 @@ def read_rows(path: Path) -> list[dict]:
 @stage("md2", deps=("md1", "mc"), sections=("data", "model", "dual", "mining", "index", "eval"),
        label="M_D2: + pseudo-labels", retriever=True, paper_mrr10=37.0)
 def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
-    from rocketqa_ray.index import DenseIndex
-    from rocketqa_ray.modeling.base import model_fingerprint
     from rocketqa_ray.retrieval.fusion import fuse_scores
     from rocketqa_ray.rocketqa.diagnostics import pseudo_report
 
@@ -49,8 +47,7 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     if fallback is not None:
         stats["pseudo_scores"] = f"{'fused' if fallback == 'fused' else 'skipped'} (cross-encoder check failed)"
     if m.pseudo and pseudo_q and fallback != "skip":
-        index = DenseIndex.load(md1 / "index", expect_fingerprint=model_fingerprint(md1_model))
-        ranked = retrieve(ctx, md1_model, index, pseudo_q, m.pseudo_top_k)
+        ranked = retrieve(ctx, md1_model, md1 / "index", pseudo_q, m.pseudo_top_k)
         cands = {q: [p for p, _ in v] for q, v in ranked.items()}
         scores = ce_scores(ctx, [(q, p) for q, ps in cands.items() for p in ps], d / "pseudo_scores")
         fused = fusion(ctx)
@@ -66,8 +63,8 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     stats["train_questions"] = len(rows)
     init = md1_model if cfg.dual.init == "previous" else None
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
-    metrics, index = dense_eval(ctx, model_dir, d, "md2")
-    heldout = heldout_eval(ctx, model_dir, index, d, trained_on_pseudo=True)
+    metrics, index_dir = dense_eval(ctx, model_dir, d, "md2")
+    heldout = heldout_eval(ctx, model_dir, index_dir, d, trained_on_pseudo=True)
     stats.update(heldout)
     stats.update(training_summary(d))
     stats.update(dual_encoder_check(ctx, "md2", "md1", heldout))
