@@ -219,8 +219,8 @@ def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int,
         shards = max(1, math.ceil(total / (shard_gib * GiB)))
         w(f"| {kind} | {b:,.0f} | {f'{meas:,.0f}' if meas else 'not measured'} | {total / GiB:,.0f} GiB | "
           f"{shards:,} | {math.ceil(n / shards):,} |")
-    w(f"\n(faiss: {fa['src']}.) Python-side ids are extra: `DenseIndex.ids` is a list of str "
-      "(~60-100 B each in CPython), i.e. tens of GB at 1B; see 'What breaks first' below.\n")
+    w(f"\n(faiss: {fa['src']}.) Ids are extra: each searcher actor keeps its shards' ids as one Arrow string "
+      "array (~14 B per id), i.e. ~14 GB at 1B spread over the searchers; see 'What breaks first' below.\n")
 
     # --- mining
     w("### Mining: retrieval, denoising, pseudo-labels\n")

@@ -117,13 +117,20 @@ def iter_parts(folder: str | Path, columns: list[str] | None = None) -> Iterator
 
 
 def lookup(folder: str | Path, ids: set[str]) -> dict[str, tuple[str, str]]:
-    """{id: (title, text)} for the given ids only, streamed part by part: memory follows len(ids)."""
+    """{id: (title, text)} for the given ids only, streamed part by part (the id column first, then only the
+    matching rows' texts): memory follows len(ids)."""
     import pyarrow.compute as pc
 
     want = pa.array(sorted(ids), pa.string())
     out: dict[str, tuple[str, str]] = {}
-    for t in iter_parts(folder, ["id", "title", "text"]):
-        hit = t.filter(pc.is_in(t.column("id"), value_set=want))
-        out.update(zip(hit.column("id").to_pylist(), zip(hit.column("title").to_pylist(),
-                                                          hit.column("text").to_pylist())))
+    rec = record(folder)
+    if rec is None:
+        raise DataError(f"{folder}: not a complete corpus store (no {SUCCESS}); run the ingest again")
+    for i in range(len(rec["part_rows"])):
+        f = pq.ParquetFile(part_path(folder, i))
+        rows = pc.indices_nonzero(pc.is_in(f.read(columns=["id"]).column("id"), value_set=want))
+        if len(rows):
+            hit = f.read(columns=["id", "title", "text"]).take(rows)
+            out.update(zip(hit.column("id").to_pylist(), zip(hit.column("title").to_pylist(),
+                                                              hit.column("text").to_pylist())))
     return out

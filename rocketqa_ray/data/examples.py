@@ -10,13 +10,14 @@ and shuffling keeps them together.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rocketqa_ray.data.beir import BeirData, passage_text
+from rocketqa_ray.data.beir import BeirData
+from rocketqa_ray.data.passages import Passages, as_passages
 from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_path
 
@@ -32,7 +33,7 @@ SCHEMAS = {"dual": DUAL_SCHEMA, "cross": CROSS_SCHEMA}
 
 def build_dual_examples(
     data: BeirData,
-    corpus: dict[str, dict],
+    corpus: Mapping[str, dict] | Passages,
     qids: list[str],
     hard_negatives: dict[str, list[str]] | None,
     num_negatives: int,
@@ -48,14 +49,16 @@ def build_dual_examples(
     question texts from `data.queries`, or `queries`. With `hard_negatives` ({qid: ranked pids}) each row
     gets `num_negatives` of them sampled at random, never one of the question's positives; a question
     with too few is topped up with random corpus passages. Without it rows have no negatives (in-batch
-    training, step 1). Questions without any positive are skipped.
+    training, step 1). Questions without any positive are skipped. `corpus` is a dict or a `data.passages`
+    source: the ids are chosen first, then the texts of just those passages are read.
     """
     rng = random.Random(seed)
+    source = as_passages(corpus)
     qrels = positives if positives is not None else data.split(split)
-    all_pids = sorted(corpus)
+    all_pids = source.ids()  # a stored corpus reads its ids only if a top-up draws from them
     rows = []
     for qid in qids:
-        pos = [p for p in sorted(qrels.get(qid, {})) if p in corpus]
+        pos = sorted(qrels.get(qid, {}))  # qrels, pseudo-labels and mined pools name corpus passages only
         if not pos:
             continue
         if queries is not None and qid in queries:
@@ -68,7 +71,7 @@ def build_dual_examples(
         for pid in pos:
             neg_ids: list[str] = []
             if hard_negatives is not None and num_negatives > 0:
-                pool = list(dict.fromkeys(p for p in hard_negatives.get(qid, []) if p not in pos_set and p in corpus))
+                pool = list(dict.fromkeys(p for p in hard_negatives.get(qid, []) if p not in pos_set))
                 neg_ids = rng.sample(pool, min(num_negatives, len(pool)))
                 taken = set(neg_ids)
                 while len(neg_ids) < num_negatives and len(taken) + len(pos_set) < len(all_pids):
@@ -76,12 +79,11 @@ def build_dual_examples(
                     if p not in pos_set and p not in taken:
                         neg_ids.append(p)
                         taken.add(p)
-            rows.append({
-                "qid": qid, "query": qtext,
-                "positive": passage_text(corpus[pid].get("title"), corpus[pid]["text"]), "positive_id": pid,
-                "negatives": [passage_text(corpus[n].get("title"), corpus[n]["text"]) for n in neg_ids],
-                "negative_ids": neg_ids,
-            })
+            rows.append({"qid": qid, "query": qtext, "positive_id": pid, "negative_ids": neg_ids})
+    texts = source.texts({p for r in rows for p in [r["positive_id"], *r["negative_ids"]]})
+    rows = [{"qid": r["qid"], "query": r["query"], "positive": texts[r["positive_id"]],
+             "positive_id": r["positive_id"], "negatives": [texts[n] for n in r["negative_ids"]],
+             "negative_ids": r["negative_ids"]} for r in rows]
     rng.shuffle(rows)
     return rows
 

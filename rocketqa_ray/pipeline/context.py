@@ -4,6 +4,7 @@ needed, and the RUN_DIR's stage folders."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,10 +14,9 @@ from rocketqa_ray.data.beir import (
     check_qrels_passages,
     find_corpus,
     load_beir,
-    load_corpus,
     load_qrels,
-    passage_text,
 )
+from rocketqa_ray.data.passages import Stored
 from rocketqa_ray.data.splits import Splits, split_questions
 from rocketqa_ray.errors import ConfigError
 from rocketqa_ray.io import read_json_if_valid, write_json
@@ -37,7 +37,7 @@ class Context:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self._data: BeirData | None = None
-        self._corpus: dict[str, dict] | None = None
+        self._passages: Stored | None = None
         self._splits: Splits | None = None
         self._bm25: BM25Retriever | None = None
         self._pairs: PairScorer | None = None
@@ -74,10 +74,11 @@ class Context:
         return self._store
 
     @property
-    def corpus(self) -> dict[str, dict]:
-        if self._corpus is None:
-            self._corpus = load_corpus(self.data.corpus_path)
-        return self._corpus
+    def passages(self) -> Stored:
+        """Passage texts from the corpus store, read for the ids asked (`ptexts`): no dict of the corpus."""
+        if self._passages is None:
+            self._passages = Stored(self.corpus_store)
+        return self._passages
 
     @property
     def splits(self) -> Splits:
@@ -93,10 +94,9 @@ class Context:
     def test_qrels(self) -> dict[str, dict[str, int]]:
         return self.data.split(self.cfg.data.test_split)
 
-    def ptext(self, pid: str) -> str:
-        """A passage as the encoders see it (title and text)."""
-        c = self.corpus[pid]
-        return passage_text(c["title"], c["text"])
+    def ptexts(self, ids: Iterable[str]) -> dict[str, str]:
+        """{pid: passage as the encoders see it (title and text)} for these ids, read at once."""
+        return self.passages.texts(ids)
 
     def qtext(self, qid: str) -> str:
         if qid in self.data.queries:
@@ -108,9 +108,9 @@ class Context:
         """The corpus's BM25 index (`bm25` config section), built once per run of the driver."""
         from rocketqa_ray.retrieval.bm25 import BM25Retriever
 
-        if self._bm25 is None:
-            ids = list(self.corpus)
-            self._bm25 = BM25Retriever.from_config(ids, [self.ptext(i) for i in ids], self.cfg.bm25)
+        if self._bm25 is None:  # a whole-corpus index in memory: the baseline and BM25 negatives, corpora that fit
+            ids, texts = zip(*self.passages.iter_texts())
+            self._bm25 = BM25Retriever.from_config(list(ids), list(texts), self.cfg.bm25)
         return self._bm25
 
     @property
@@ -127,7 +127,7 @@ class Context:
             if read_json_if_valid(d / "corpus.json") == corpus:
                 stats = CorpusStats.load(d)
             if stats is None or stats.stem != b.stem:
-                stats = CorpusStats.from_texts((self.ptext(p) for p in self.corpus), stem=b.stem)
+                stats = CorpusStats.from_texts((text for _, text in self.passages.iter_texts()), stem=b.stem)
                 stats.save(d)
                 write_json(d / "corpus.json", corpus)
             self._pairs = PairScorer(stats, b.k1, b.b)
@@ -135,7 +135,8 @@ class Context:
 
     def bm25_scores(self, pairs: list[tuple[str, str]]) -> PairScores:
         q = {qid: self.qtext(qid) for qid, _ in pairs}
-        return dict(zip(pairs, self.bm25_pairs.score_pairs(pairs, q, self.ptext).tolist()))
+        texts = self.ptexts(p for _, p in pairs)
+        return dict(zip(pairs, self.bm25_pairs.score_pairs(pairs, q, texts.__getitem__).tolist()))
 
     def searchers(self, index_dir: Path, model_dir: Path) -> Searchers:
         """Searcher actors over `index_dir` (one set alive at a time; `close` stops them), checked against the
@@ -169,13 +170,3 @@ class Context:
 
             self._known = load_qrels(resolve_diagnostic_qrels(self.cfg.data.diagnostic_qrels, self.cfg.data.path))
         return self._known
-
-
-class TextView:
-    """A read-only {pid: passage text} view for answer accuracy, without building a second dict."""
-
-    def __init__(self, ctx: Context):
-        self._ctx = ctx
-
-    def __getitem__(self, pid: str) -> str:
-        return self._ctx.ptext(pid)

@@ -13,7 +13,7 @@ import numpy as np
 from rocketqa_ray.config import Config
 from rocketqa_ray.evaluation import full_report, write_trec_run
 from rocketqa_ray.io import read_json_if_valid, write_json
-from rocketqa_ray.pipeline.context import Context, TextView
+from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.retrieval.candidates import read_hits
 from rocketqa_ray.types import PairScores, RankedHits, RankedIds, Run
 
@@ -36,7 +36,9 @@ def evaluate(ctx: Context, run: Run, d: Path, name: str) -> dict:
     test = ctx.splits.test
     answers = {q: ctx.data.queries[q]["answers"] for q in test}
     has = ctx.data.has_answers(test)
-    return full_report(run, ctx.test_qrels, answers if has else None, TextView(ctx), ctx.cfg.eval.answer_k)
+    k = ctx.cfg.eval.answer_k
+    texts = ctx.ptexts(p for hits in run.values() for p in sorted(hits, key=hits.get, reverse=True)[:k]) if has else None
+    return full_report(run, ctx.test_qrels, answers if has else None, texts, k)
 
 
 def dense_index(ctx: Context, model_dir: Path, d: Path) -> Path:
@@ -130,7 +132,8 @@ def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Pa
     from rocketqa_ray.batch.score import load_scores, score_pairs
 
     start_ray(ctx)
-    rows = [{"qid": q, "pid": p, "query": ctx.qtext(q), "passage": ctx.ptext(p)} for q, p in pairs]
+    texts = ctx.ptexts(p for _, p in pairs)
+    rows = [{"qid": q, "pid": p, "query": ctx.qtext(q), "passage": texts[p]} for q, p in pairs]
     out = score_pairs(rows, str(model_dir or ctx.stage_dir("mc") / "model"), str(d), ctx.cfg.encode)
     return load_scores(out)
 
@@ -195,8 +198,9 @@ def dev_groups(ctx: Context, limit: int) -> list[dict]:
         return []
     pos = gold_positive(ctx, qids)
     negs = bm25_negatives(ctx, qids, VAL_NEGATIVES)
-    return [{"qid": q, "query": ctx.qtext(q), "positive_id": pos[q], "positive": ctx.ptext(pos[q]),
-             "negative_ids": negs.get(q, []), "negatives": [ctx.ptext(p) for p in negs.get(q, [])]} for q in qids]
+    texts = ctx.ptexts([*pos.values(), *(p for ps in negs.values() for p in ps)])
+    return [{"qid": q, "query": ctx.qtext(q), "positive_id": pos[q], "positive": texts[pos[q]],
+             "negative_ids": negs.get(q, []), "negatives": [texts[p] for p in negs.get(q, [])]} for q in qids]
 
 
 def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,
@@ -207,7 +211,7 @@ def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,
 
     cfg = ctx.cfg
     return build_dual_examples(
-        ctx.data, ctx.corpus, qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
+        ctx.data, ctx.passages, qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
         cfg.mining.seed, split=cfg.data.train_split,
         positives={q: {p: 1} for q, p in positives.items()} if positives is not None else None,
         queries={q: ctx.qtext(q) for q in qids} if positives is not None else None)

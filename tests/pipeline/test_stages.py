@@ -234,9 +234,9 @@ def test_small_dataset_splits(small_data):
     assert len(s.train) + len(s.pseudo) + len(s.dev) == N_TRAIN
     assert len(s.pseudo) == round(c.pseudo_fraction * N_TRAIN) and len(s.dev) == round(c.dev_fraction * N_TRAIN) > 0
     assert not set(s.train) & set(s.pseudo) and not set(s.dev) & (set(s.train) | set(s.pseudo))
-    assert len(ctx.corpus) == N_PASSAGES
+    assert len(ctx.passages) == N_PASSAGES
     gold = {p for q in s.train + s.pseudo + s.dev for p in ctx.train_qrels[q]} | {p for r in ctx.test_qrels.values() for p in r}
-    assert gold <= set(ctx.corpus)
+    assert gold <= set(ctx.passages.ids())
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -262,10 +262,11 @@ def test_dev_groups_for_dual_encoder_early_stopping(run):
     assert not set(g["qid"] for g in groups) & set(ctx.splits.train)
     idx, _ = ctx.bm25.search([g["query"] for g in groups], k=VAL_NEGATIVES + 1)
     for g, row in zip(groups, idx):
-        assert g["positive_id"] in ctx.train_qrels[g["qid"]] and g["positive"] == ctx.ptext(g["positive_id"])
+        assert g["positive_id"] in ctx.train_qrels[g["qid"]] and g["positive"] == ctx.ptexts([g["positive_id"]])[g["positive_id"]]
         bm25 = [ctx.bm25.ids[j] for j in row if ctx.bm25.ids[j] not in ctx.train_qrels[g["qid"]]]
         assert g["negative_ids"] == bm25[:VAL_NEGATIVES]
-        assert g["negatives"] == [ctx.ptext(p) for p in g["negative_ids"]]
+        texts = ctx.ptexts(g["negative_ids"])
+        assert g["negatives"] == [texts[p] for p in g["negative_ids"]]
 
 
 def test_bm25_stats_follow_its_config(small_data, tmp_path):
@@ -288,7 +289,7 @@ def test_zero_shot(run, tmp_path):
     assert (d / "model" / "config.json").exists()
     index = DenseIndex.load(d / "index", expect_fingerprint=model_fingerprint(d / "model"))
     assert len(index) == N_PASSAGES and index.meta["shards"] == len(read_json(d / "index" / "meta.json")["files"])
-    assert set(index.ids) == set(run.ctx.corpus)
+    assert set(index.ids) == set(run.ctx.passages.ids())
     # the untrained base model, as saved by DualEncoder.from_base
     again = DualEncoder.from_base(run.cfg.model).save(tmp_path / "model")
     assert model_fingerprint(again) == model_fingerprint(d / "model")
@@ -307,7 +308,7 @@ def test_md0_mines_top_k_without_gold(run):
     for q, pids in top.items():
         assert len(pids) == k and len(set(pids)) == k
         assert not set(pids) & set(ctx.train_qrels[q]), f"{q}: gold passage among its hard-negative candidates"
-        assert set(pids) <= set(ctx.corpus)
+        assert set(pids) <= set(ctx.passages.ids())
     assert res.stats["train_questions"] == len(ctx.splits.train)
     assert res.stats["cross_batch"] is True and res.stats["workers"] == run.cfg.ray.num_workers == 2
     assert res.stats["negatives_per_query"] == run.cfg.dual.batch_size * 2 - 1
@@ -387,8 +388,9 @@ def test_mc_calibrates_fuses_and_reranks_md0(run):
     # ... so the saved model scores sigmoid(a * logit(raw score) + b) (a, b rounded to 4 decimals in the stats)
     raw = load_scores(d / "calib_scores")
     pairs = sorted(raw)[:8]
+    texts = ctx.ptexts(p for _, p in pairs)
     calibrated = CrossEncoder.load(d / "model").score([ctx.qtext(q) for q, _ in pairs],
-                                                      [ctx.ptext(p) for _, p in pairs], bf16="false", device="cpu")
+                                                      [texts[p] for _, p in pairs], bf16="false", device="cpu")
     raw_logits = logits_from_probs(np.array([raw[x] for x in pairs]))
     expect = 1 / (1 + np.exp(-(a * raw_logits + b)))
     # raw scores are stored as float32 probabilities: their logits carry ~1e-7 of rounding, which a multiplies
@@ -718,8 +720,8 @@ def test_fusion_bm25_feature_comes_from_corpus_statistics_saved_for_the_service(
     ctx = run.ctx
     stats_dir = ctx.run_dir / STATS_DIR
     saved = CorpusStats.load(stats_dir)
-    assert saved.n_docs == len(ctx.corpus) and saved.stem == run.cfg.bm25.stem
-    pairs = [(q, p) for q in ctx.splits.test[:5] for p in list(ctx.corpus)[:7]]
+    assert saved.n_docs == len(ctx.passages) and saved.stem == run.cfg.bm25.stem
+    pairs = [(q, p) for q in ctx.splits.test[:5] for p in ctx.passages.ids()[:7]]
     got = ctx.bm25_scores(pairs)
     for q in ctx.splits.test[:5]:
         pids = [p for qq, p in pairs if qq == q]

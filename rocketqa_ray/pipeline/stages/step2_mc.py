@@ -46,15 +46,16 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     parts = holdout(train, {"calib": c.calibration_fraction}, seed=cfg.mining.seed)
     queries = {q: ctx.qtext(q) for q in train}
     ex = d / "train_examples.parquet"
+    top = train_top(ctx, "md0")
+    calib_negs = {q: top.get(q, [])[:VAL_NEGATIVES] for q in parts["calib"]}
+    texts = ctx.ptexts([*pos.values(), *(p for ps in [*negs.values(), *calib_negs.values()] for p in ps)])
     if not ex.exists():
-        write_examples(build_cross_examples(queries, {q: pos[q] for q in parts["rest"]}, negs, ctx.ptext), ex)
+        write_examples(build_cross_examples(queries, {q: pos[q] for q in parts["rest"]}, negs, texts.__getitem__), ex)
     if c.init == "md0":  # M_D0's encoder, a new 1-logit head (from_base adds one to a dual-encoder folder)
         cfg = replace(cfg, cross=replace(c, base=str(ctx.stage_dir("md0") / "model")))
     # early stopping on the calibration groups (never trained on), with M_D0's hardest negatives: a positive
     # among 3 sampled negatives is ranked first too often to tell one checkpoint from the next
-    top = train_top(ctx, "md0")
-    val = build_cross_examples(queries, {q: pos[q] for q in parts["calib"]},
-                               {q: top.get(q, [])[:VAL_NEGATIVES] for q in parts["calib"]}, ctx.ptext) \
+    val = build_cross_examples(queries, {q: pos[q] for q in parts["calib"]}, calib_negs, texts.__getitem__) \
         if c.eval_every > 0 else None
     raw = train_cross(cfg, str(ex), str(d / "train"), name="mc", val_rows=val)
     stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss,

@@ -62,7 +62,9 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
         pool, dropped = res.kept, res.dropped
         stats.update(res.stats)
         if ctx.data.has_answers(train):
-            stats.update(answer_rates(res, {q: ctx.data.queries[q]["answers"] for q in train}, has_answer, ctx.ptext))
+            texts = ctx.ptexts(p for part in (res.dropped, res.kept) for ps in part.values() for p in ps)
+            stats.update(answer_rates(res, {q: ctx.data.queries[q]["answers"] for q in train}, has_answer,
+                                      texts.__getitem__))
     else:
         pool = cands
         if fallback == "skip" and m.denoise != "none":
