@@ -189,6 +189,8 @@ class BM25Config:
     b: float = setting(0.4, ge=0, le=1, help="document-length normalisation")
     stem: bool = setting(True, help="English Snowball stemming (PyStemmer); squad-mini test MRR@10 0.828 vs 0.810 "
                          "without")
+    max_passages: int | None = setting(50_000_000, ge=1, help="the in-memory BM25 index (reference row, BM25 "
+                                       "negatives, held-out groups) is built up to this many passages, else skipped")
 
 
 @dataclass

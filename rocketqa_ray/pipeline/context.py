@@ -38,6 +38,7 @@ class Context:
         self.run_dir = Path(run_dir)
         self._data: BeirData | None = None
         self._passages: Stored | None = None
+        self._said_bm25 = False
         self._splits: Splits | None = None
         self._bm25: BM25Retriever | None = None
         self._pairs: PairScorer | None = None
@@ -102,6 +103,20 @@ class Context:
         if qid in self.data.queries:
             return self.data.queries[qid]["text"]
         return self.splits.unlabeled_texts[qid]
+
+    @property
+    def bm25_fits(self) -> bool:
+        """Whether the corpus is small enough (`bm25.max_passages`) for an in-memory BM25 index; when it is not,
+        the BM25 reference row, BM25 negatives and the dual encoders' held-out groups are skipped, said once."""
+        cap = self.cfg.bm25.max_passages
+        fits = cap is None or len(self.passages) <= cap
+        if not fits and not self._said_bm25:
+            from rocketqa_ray.console import say
+
+            say("bm25: %d passages > bm25.max_passages (%d): no in-memory BM25 index, so no BM25 reference row, no "
+                "BM25 negatives and no held-out groups for the dual encoders' early stopping", len(self.passages), cap)
+            self._said_bm25 = True
+        return fits
 
     @property
     def bm25(self) -> BM25Retriever:

@@ -181,6 +181,8 @@ def bm25_negatives(ctx: Context, qids: list[str], n: int) -> RankedIds:
     """BM25's top `n` passages per question, its labelled positives excluded."""
     from rocketqa_ray.rocketqa.negatives import exclude_gold
 
+    if not ctx.bm25_fits:
+        return {q: [] for q in qids}
     qrels = ctx.train_qrels
     extra = max((len(qrels.get(q, {})) for q in qids), default=0)
     idx, _ = ctx.bm25.search([ctx.qtext(q) for q in qids], k=n + extra)
@@ -194,7 +196,7 @@ def dev_groups(ctx: Context, limit: int) -> list[dict]:
     stages' curves compare)."""
     qrels = ctx.train_qrels
     qids = [q for q in ctx.splits.dev if q in qrels][:limit]
-    if not qids:
+    if not qids or not ctx.bm25_fits:
         return []
     pos = gold_positive(ctx, qids)
     negs = bm25_negatives(ctx, qids, VAL_NEGATIVES)

@@ -252,6 +252,19 @@ def test_bm25(run):
     assert all(0 < len(v) <= run.cfg.eval.depth for v in trec.values())
 
 
+def test_bm25_is_skipped_above_its_size_cap(run, small_data, tmp_path):
+    """A corpus past bm25.max_passages gets no in-memory BM25 index: no reference row, no BM25 negatives, no
+    held-out groups (early stopping off), each said, nothing built."""
+    from rocketqa_ray.pipeline.shared import bm25_negatives, dev_groups
+
+    ctx = Context(_cfg(small_data, f"bm25.max_passages={N_PASSAGES - 1}"), tmp_path)
+    res = stages()["bm25"].run(ctx, ctx.cfg, tmp_path / "bm25")
+    assert res.metrics == {} and "bm25.max_passages" in res.stats["skipped"]
+    assert bm25_negatives(ctx, ctx.splits.train[:3], 2) == {q: [] for q in ctx.splits.train[:3]}
+    assert dev_groups(ctx, 5) == [] and ctx._bm25 is None
+    assert Context(_cfg(small_data, f"bm25.max_passages={N_PASSAGES}"), tmp_path).bm25_fits
+
+
 def test_dev_groups_for_dual_encoder_early_stopping(run):
     """Dev questions (never trained on) with their gold positive and BM25's top other passages, in BM25's order."""
     from rocketqa_ray.pipeline.shared import VAL_NEGATIVES, dev_groups

@@ -13,6 +13,9 @@ from rocketqa_ray.pipeline.shared import dense_eval, evaluate, heldout_eval
 
 @stage("bm25", sections=("data", "bm25", "eval"), label="BM25 (reference)", paper_mrr10=18.7)
 def bm25(ctx: Context, cfg: Config, d: Path) -> StageResult:
+    if not ctx.bm25_fits:
+        return StageResult({}, {"skipped": f"{len(ctx.passages)} passages > bm25.max_passages "
+                                           f"({cfg.bm25.max_passages}): no in-memory BM25 index"})
     r = ctx.bm25
     qids = ctx.splits.test
     idx, scores = r.search([ctx.qtext(q) for q in qids], k=cfg.eval.depth)
