@@ -127,16 +127,12 @@ def retrieve_to_parquet(searchers: Searchers, model_dir: str | Path, qids: Seque
     from rocketqa_ray.batch.encode import EncoderActor, actor_kwargs, resolve_model_dir
     from rocketqa_ray.batch.shards import rows_digest
     from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.retrieval.dense import check_questions
 
     cfg = cfg or EncodeConfig()
-    if len(qids) != len(texts):
-        raise DataError(f"{len(qids)} query ids but {len(texts)} query texts")
-    if len(set(qids)) != len(qids):
-        raise DataError("query ids must be unique")
+    check_questions(list(qids), list(texts), k)
     if not qids:
         raise DataError("no questions to retrieve for")
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise DataError(f"k must be a positive integer, got {k!r}")
     exclude = exclude or {}
     items = [{"row": i, "id": str(q), "text": t, "exclude": EXCLUDE_SEP.join(sorted(exclude.get(q, ())))}
              for i, (q, t) in enumerate(zip(qids, texts))]

@@ -51,6 +51,16 @@ def encode_queries(model_dir: str | Path, qids: list[str], texts: list[str], cfg
     return model.encode(texts, "query", cfg.batch_size, cfg.bf16, sort_by_length=cfg.sort_by_length)
 
 
+def check_questions(qids: list[str], texts: list[str], k: int | None = None) -> None:
+    """The rules every retrieval entry point applies to its questions (and k), as one-line DataErrors."""
+    if len(qids) != len(texts):
+        raise DataError(f"{len(qids)} query ids but {len(texts)} query texts")
+    if len(set(qids)) != len(qids):
+        raise DataError("query ids must be unique")
+    if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1):
+        raise DataError(f"k must be a positive integer, got {k!r}")
+
+
 def search_embeddings(index: DenseIndex, qids: list[str], q_emb: np.ndarray, k: int,
                       exclude: dict[str, set[str]] | None = None) -> RankedHits:
     """Top-k (pid, score) per query from precomputed query embeddings, minus `exclude[qid]`.
@@ -87,10 +97,7 @@ def retrieve(model_dir: str | Path, index: DenseIndex, qids: list[str], query_te
     actor pool encodes more than `cfg.driver_max_queries` queries, fewer are encoded in this process.
     """
     cfg = cfg or EncodeConfig()
-    if len(qids) != len(query_texts):
-        raise DataError(f"{len(qids)} query ids but {len(query_texts)} query texts")
-    if len(set(qids)) != len(qids):
-        raise DataError("query ids must be unique")
+    check_questions(qids, query_texts)
     if not qids:
         return {}
     check_index_model(index, model_dir)
