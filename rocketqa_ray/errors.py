@@ -48,3 +48,10 @@ def user_error(e: BaseException) -> RocketQAError | None:
 
 class ServiceError(RocketQAError):
     """The RUN_DIR cannot be served (missing model/index, mismatched files, bad service arguments)."""
+
+
+def as_user_error(e: Exception) -> Exception:
+    """What to raise for an exception from Ray: a fresh copy of the user error behind it (its one-line message,
+    without the worker's traceback), or the exception itself."""
+    user = user_error(e)
+    return e if user is None else type(user)(str(user))

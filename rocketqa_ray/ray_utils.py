@@ -126,3 +126,21 @@ def _terminate(signum: int, frame: object) -> None:
 def torch_threads_for(cpus: float) -> int:
     """Threads for torch inside an actor that was given `cpus` logical CPUs (at least 1)."""
     return max(1, int(round(cpus)))
+
+
+def as_completed(refs: list) -> Iterator:
+    """The results of Ray tasks in the order they finish. On the first failure the other tasks are cancelled (their
+    work is moot, and their errors would go unread) and the user error behind it is raised (`as_user_error`)."""
+    import ray
+
+    from rocketqa_ray.errors import as_user_error
+
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    except Exception as e:
+        for ref in pending:
+            ray.cancel(ref)
+        raise as_user_error(e) from None

@@ -12,7 +12,7 @@ from pathlib import Path
 from rocketqa_ray.config import RayConfig
 from rocketqa_ray.console import Progress
 from rocketqa_ray.data import corpus_store as store
-from rocketqa_ray.errors import DataError, user_error
+from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,6 @@ def found_ids(path: str, ids: list[str]) -> list[str]:
     return col.filter(pc.is_in(col, value_set=pa.array(ids, pa.string()))).to_pylist()
 
 
-def as_user_error(e: Exception) -> Exception:
-    user = user_error(e)
-    return e if user is None else type(user)(str(user))
-
-
 def duplicates(files: list[str]) -> list[dict]:
     """Up to DUPLICATES_SHOWN ids that occur more than once, with their first and last line (Ray Data groupby)."""
     import ray
@@ -62,7 +57,7 @@ def ingest_corpus(corpus_path: str | Path, out_dir: str | Path, chunk_mb: float 
 
     from rocketqa_ray.batch.shards import source_stat
     from rocketqa_ray.data.beir import find_corpus
-    from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.ray_utils import as_completed, ensure_ray
 
     corpus = Path(corpus_path)
     corpus = find_corpus(corpus) if corpus.is_dir() else corpus
@@ -89,16 +84,9 @@ def ingest_corpus(corpus_path: str | Path, out_dir: str | Path, chunk_mb: float 
     with atomic_dir(out) as tmp:
         pending = [parse.remote(str(corpus), s, e, first[i], str(tmp), i) for i, (s, e) in enumerate(chunks)]
         with Progress(f"read corpus {corpus.name}", source["size"], "bytes") as progress:
-            try:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    r = ray.get(ready[0])
-                    rows[r["part"]], peak = r["rows"], max(peak, r["max_rss_mb"])
-                    progress.advance(r["bytes"])
-            except Exception as e:
-                for ref in pending:  # the other ranges' work is moot now, and their errors would go unread
-                    ray.cancel(ref)
-                raise as_user_error(e) from None
+            for r in as_completed(pending):
+                rows[r["part"]], peak = r["rows"], max(peak, r["max_rss_mb"])
+                progress.advance(r["bytes"])
         if sum(rows) == 0:
             raise DataError(f"{corpus}: the corpus is empty; it needs at least one passage")
         dup = duplicates([str(store.part_path(tmp, i)) for i in range(len(chunks))])

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from rocketqa_ray.config import IndexConfig, RayConfig
 from rocketqa_ray.console import Progress
-from rocketqa_ray.errors import user_error
 from rocketqa_ray.index.plan import IndexPlan, fill_shard, plan_index
 from rocketqa_ray.index.store import read_meta, write_meta, write_shard
 from rocketqa_ray.io import atomic_dir
@@ -37,7 +36,7 @@ def build_index(emb_dir: str | Path, cfg: IndexConfig, out_dir: str | Path, ray_
     """
     import ray
 
-    from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.ray_utils import as_completed, ensure_ray
 
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
@@ -51,18 +50,10 @@ def build_index(emb_dir: str | Path, cfg: IndexConfig, out_dir: str | Path, ray_
         plan_ref = ray.put(plan)
         pending = [fill.remote(str(emb_dir), plan_ref, j, str(tmp)) for j in range(len(plan.ranges))]
         with Progress(f"index {out.parent.name}/{out.name}", plan.n_total, "vectors") as progress:
-            try:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    rec = ray.get(ready[0])
-                    sizes[rec["shard"]] = rec["ntotal"]
-                    peak = max(peak, rec["max_rss_mb"])
-                    progress.advance(rec["ntotal"])
-            except Exception as e:
-                user = user_error(e)
-                if user is not None:
-                    raise type(user)(str(user)) from None
-                raise
+            for rec in as_completed(pending):
+                sizes[rec["shard"]] = rec["ntotal"]
+                peak = max(peak, rec["max_rss_mb"])
+                progress.advance(rec["ntotal"])
         meta = {**plan.meta(), "build": {"seconds": round(time.perf_counter() - t0, 3), "tasks": len(sizes),
                                          "task_peak_rss_mb": round(peak, 1)}}
         write_meta(tmp, meta, sizes)

@@ -23,7 +23,7 @@ import numpy as np
 
 from rocketqa_ray.config import EncodeConfig, IndexConfig, RayConfig
 from rocketqa_ray.console import Progress
-from rocketqa_ray.errors import DataError, user_error
+from rocketqa_ray.errors import DataError, as_user_error
 from rocketqa_ray.index.searcher import ShardSearcher, group_shards
 from rocketqa_ray.index.store import read_meta
 from rocketqa_ray.io import write_json
@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 # BEIR qrels are tab-separated, so no passage id contains a tab: the excluded ids of a question travel as one
 # string column through the encoder (a list column would not survive its numpy batches)
 EXCLUDE_SEP = "\t"
-
-
-def as_user_error(e: Exception) -> Exception:
-    user = user_error(e)
-    return e if user is None else type(user)(str(user))
 
 
 class Searchers:

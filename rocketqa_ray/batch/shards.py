@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from rocketqa_ray.config import EncodeConfig, RayConfig
 from rocketqa_ray.console import Progress
-from rocketqa_ray.errors import ConfigError, DataError, user_error
+from rocketqa_ray.errors import ConfigError, DataError, as_user_error
 from rocketqa_ray.io import atomic_path, read_json_if_valid, write_json
 
 log = logging.getLogger(__name__)
@@ -281,10 +281,7 @@ def run_shards(plan: ShardPlan, fn_cls: type, fn_kwargs: dict, cfg: EncodeConfig
             log.info("%s: shard %d done (%d rows, %.1f s); %d/%d this run", label, int(row["shard"]), int(row["rows"]),
                      float(row["seconds"]), len(stats["computed_shards"]), len(plan.todo))
     except Exception as e:
-        user = user_error(e)
-        if user is not None:
-            raise type(user)(str(user)) from None
-        raise
+        raise as_user_error(e) from None
     finally:
         progress.close()
     stats["computed_shards"].sort()

@@ -70,9 +70,9 @@ def retrieve(ctx: Context, model_dir: Path, index_dir: Path, qids: list[str], k:
         # a scratch folder: the flow keeps nothing in the driver, the caller asked for the hits in memory
         scratch = index_dir.parent / "candidates" / "scratch"
         return read_hits(mine_candidates(ctx, model_dir, index_dir, qids, k, exclude, scratch))
-    searchers = ctx.searchers(index_dir, model_dir)
     if not qids:
         return {}
+    searchers = ctx.searchers(index_dir, model_dir)
     q = encode_queries(model_dir, qids, [ctx.qtext(x) for x in qids], ctx.cfg.encode, use_ray=False)
     ex = [sorted(exclude.get(x, ())) for x in qids] if exclude else None
     return dict(zip(qids, searchers.search(q, k, ex)))
