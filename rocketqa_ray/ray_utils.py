@@ -144,3 +144,20 @@ def as_completed(refs: list) -> Iterator:
         for ref in pending:
             ray.cancel(ref)
         raise as_user_error(e) from None
+
+
+def spread_over_nodes(n: int, cpus: float) -> list:
+    """Scheduling strategies for `n` tasks or actors, dealt round-robin over the alive nodes that can hold `cpus`.
+
+    Ray's "SPREAD" is a preference among the nodes that have room *now*: right after a stage, when the other node
+    is still releasing its Train workers or encoding actors, every shard can land on one node and so would its
+    memory. A soft node affinity waits for its node instead, and still goes elsewhere if that node dies.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(node["NodeID"] for node in ray.nodes()
+                   if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= cpus)
+    if not nodes:
+        return ["SPREAD"] * n
+    return [NodeAffinitySchedulingStrategy(nodes[j % len(nodes)], soft=True) for j in range(n)]

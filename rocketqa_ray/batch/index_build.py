@@ -36,19 +36,21 @@ def build_index(emb_dir: str | Path, cfg: IndexConfig, out_dir: str | Path, ray_
     """
     import ray
 
-    from rocketqa_ray.ray_utils import as_completed, ensure_ray
+    from rocketqa_ray.ray_utils import as_completed, ensure_ray, spread_over_nodes
 
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
     plan = plan_index(emb_dir, cfg, seed=seed)
-    # SPREAD: the shards, their reads and their memory go to every node, not the first that has room
-    fill = ray.remote(fill_and_write).options(num_cpus=cfg.build_cpus, max_retries=3, scheduling_strategy="SPREAD")
+    # dealt over the nodes: the shards, their reads and their memory go to every node, not the first that has room
+    fill = ray.remote(fill_and_write)
     out = Path(out_dir)
     sizes = [0] * len(plan.ranges)
     peak = 0.0
     with atomic_dir(out) as tmp:
         plan_ref = ray.put(plan)
-        pending = [fill.remote(str(emb_dir), plan_ref, j, str(tmp)) for j in range(len(plan.ranges))]
+        where = spread_over_nodes(len(plan.ranges), cfg.build_cpus)
+        pending = [fill.options(num_cpus=cfg.build_cpus, max_retries=3, scheduling_strategy=where[j]).remote(str(emb_dir), plan_ref, j, str(tmp))
+                   for j in range(len(plan.ranges))]
         with Progress(f"index {out.parent.name}/{out.name}", plan.n_total, "vectors") as progress:
             for rec in as_completed(pending):
                 sizes[rec["shard"]] = rec["ntotal"]

@@ -43,7 +43,7 @@ class Searchers:
                  ray_cfg: RayConfig | None = None):
         import ray
 
-        from rocketqa_ray.ray_utils import ensure_ray
+        from rocketqa_ray.ray_utils import ensure_ray, spread_over_nodes
 
         cfg = cfg or IndexConfig()
         ensure_ray(ray_cfg)
@@ -51,10 +51,12 @@ class Searchers:
         self.index_dir, self.metric = Path(index_dir), meta["metric"]
         self.model_fingerprint = meta.get("model_fingerprint")
         self.groups = group_shards(len(meta["files"]), cfg.shards_per_searcher)
-        actor = ray.remote(ShardSearcher).options(
-            num_cpus=cfg.searcher_cpus, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD")
+        actor = ray.remote(ShardSearcher)
         threads = max(1, math.floor(cfg.searcher_cpus))
-        self.handles = [actor.remote(str(index_dir), g, cfg, expect_fingerprint, threads) for g in self.groups]
+        where = spread_over_nodes(len(self.groups), cfg.searcher_cpus)
+        self.handles = [actor.options(num_cpus=cfg.searcher_cpus, max_restarts=-1, max_task_retries=-1,
+                                      scheduling_strategy=s).remote(str(index_dir), g, cfg, expect_fingerprint, threads)
+                        for g, s in zip(self.groups, where)]
         try:  # surface a shard that cannot load now, as the one-line error it is
             self.ntotal = sum(ray.get([h.__ray_call__.remote(lambda s: s.ntotal) for h in self.handles]))
         except Exception as e:
