@@ -266,7 +266,9 @@ class ServeConfig:
     host: str = setting("127.0.0.1", help="HTTP host")
     port: int = setting(8000, ge=1, le=65535, help="HTTP port")
     encoder_replicas: int = setting(1, ge=1, help="query-encoder replicas")
-    retriever_replicas: int = setting(1, ge=1, help="FAISS retriever replicas")
+    retriever_replicas: int = setting(1, ge=1, help="FAISS retriever replicas (of each shard group's deployment)")
+    shards_per_retriever: int = setting(0, ge=0, help="index shards per Retriever deployment, each holding only its "
+                                        "shards' vectors, ids and texts; 0: one deployment holds every shard")
     reranker_replicas: int = setting(1, ge=1, help="cross-encoder reranker replicas")
     max_batch_size: int = setting(16, ge=1, help="concurrent requests batched into one forward pass")
     batch_wait_timeout_s: float = setting(0.01, ge=0, help="seconds a batch waits to fill")

@@ -42,8 +42,10 @@ from rocketqa_ray.serving.components import (
     QueryEncoderCore,
     RerankerCore,
     RetrieverCore,
+    ShardAnswer,
     candidate_depth,
     isolated,
+    merge_hits,
     rerank_texts,
     set_torch_threads,
 )
@@ -90,15 +92,18 @@ class QueryEncoder:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class Retriever:
-    """FAISS search plus passage texts."""
+    """FAISS search plus passage texts over consecutive index shards (all, or one group of a sharded service)."""
 
     def __init__(self, index_dir: str, corpus_path: str, expect_dim: int | None, expect_fingerprint: str | None,
-                 index_cfg: IndexConfig | None = None, bm25: BM25Config | None = None, bm25_stats: str | None = None):
+                 index_cfg: IndexConfig | None = None, bm25: BM25Config | None = None, bm25_stats: str | None = None,
+                 shards: list[int] | None = None, store_dir: str | None = None):
         self.core = RetrieverCore(index_dir, corpus_path, expect_dim=expect_dim, expect_fingerprint=expect_fingerprint,
-                                  index_cfg=index_cfg, bm25=bm25, bm25_stats=bm25_stats)
+                                  index_cfg=index_cfg, bm25=bm25, bm25_stats=bm25_stats, shards=shards,
+                                  store_dir=store_dir)
 
-    def search(self, emb: np.ndarray, k: int, query: str | None = None) -> list[dict]:
-        return self.core.search(emb[None, :], k, [query] if query is not None else None)[0]
+    def search(self, emb: np.ndarray, k: int, query: str | None = None) -> ShardAnswer:
+        """One query's (scores [1, k], global rows [1, k], [hits]) from this deployment's shards."""
+        return self.core.answer(emb[None, :], k, [query] if query is not None else None)
 
     def info(self) -> dict[str, Any]:
         return self.core.info()
@@ -151,9 +156,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class SearchIngress:
-    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, reranker: DeploymentHandle | None,
+    def __init__(self, encoder: DeploymentHandle, retrievers: list[DeploymentHandle], reranker: DeploymentHandle | None,
                  info: dict[str, Any], max_query_chars: int, rerank_top_k: int):
-        self.encoder, self.retriever = encoder, retriever
+        # one Retriever deployment per shard group, in shard order (merge_hits breaks ties by it)
+        self.encoder, self.retrievers = encoder, list(retrievers)
         self.reranker = reranker if info.get("reranker") else None
         self.info = info
         self.max_query_chars = max_query_chars
@@ -173,9 +179,16 @@ class SearchIngress:
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     async def index_info(self) -> dict[str, Any]:
+        """The whole index (size, metric) and what each shard group's Retriever holds; asks every one of them."""
         if self._index_info is None:
-            self._index_info = await self._call("retriever", lambda: self.retriever.info.remote())
+            parts = await asyncio.gather(*[self._call(self._name(g), lambda h=h: h.info.remote())
+                                           for g, h in enumerate(self.retrievers)])
+            info = {k: v for k, v in parts[0].items() if k not in ("shards", "held")}
+            self._index_info = {**info, "retrievers": [{"shards": p["shards"], "held": p["held"]} for p in parts]}
         return self._index_info
+
+    def _name(self, g: int) -> str:
+        return "retriever" if len(self.retrievers) == 1 else f"retriever {g} (shards group {g})"
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
@@ -221,7 +234,9 @@ class SearchIngress:
         emb = await self._call("query encoder", lambda: self.encoder.encode.remote(query))
         t1 = time.perf_counter()
         k = candidate_depth(top_k, do_rerank, self.rerank_top_k, (await self.index_info())["size"])
-        hits = await self._call("retriever", lambda: self.retriever.search.remote(emb, k, query))
+        answers = await asyncio.gather(*[self._call(self._name(g), lambda h=h: h.search.remote(emb, k, query))
+                                         for g, h in enumerate(self.retrievers)])
+        hits = merge_hits(answers, k, (await self.index_info())["metric"])[0]
         t2 = time.perf_counter()
         scores = None
         if do_rerank:
@@ -296,11 +311,14 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         ray_actor_options=model_actor, max_ongoing_requests=queue,
         **_replicas(scfg.encoder_replicas, app_args.autoscaling, scfg.max_batch_size),
     ).bind(str(arts.model_dir), **batch_kw)
-    retriever = Retriever.options(
+    groups = arts.shard_groups(scfg.shards_per_retriever)
+    retrievers = [Retriever.options(
+        name="Retriever" if len(groups) == 1 else f"Retriever{g}",
         ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
         **_replicas(scfg.retriever_replicas, app_args.autoscaling, 8),
     ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index, arts.lexical,
-           str(arts.bm25_stats) if arts.bm25_stats else None)
+           str(arts.bm25_stats) if arts.bm25_stats else None, shards, str(arts.store_dir) if arts.store_dir else None)
+        for g, shards in enumerate(groups)]
     reranker = Reranker.options(
         ray_actor_options=model_actor if arts.cross_dir else {"num_cpus": 0.1}, max_ongoing_requests=queue,
         **_replicas(scfg.reranker_replicas if arts.cross_dir else 1, app_args.autoscaling and bool(arts.cross_dir),
@@ -315,7 +333,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         "batching": app_args.batching, "max_batch_size": scfg.max_batch_size, "rerank_top_k": scfg.rerank_top_k,
         "max_query_chars": scfg.max_query_chars, "max_top_k": MAX_TOP_K, "device": device,
     }
-    return SearchIngress.bind(encoder, retriever, reranker, info, scfg.max_query_chars, scfg.rerank_top_k)
+    return SearchIngress.bind(encoder, retrievers, reranker, info, scfg.max_query_chars, scfg.rerank_top_k)
 
 
 def _model_dim(model_dir: Path) -> int:

@@ -22,6 +22,7 @@ from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_path, read_json_if_valid
 
 SUCCESS = "_SUCCESS.json"
+STORE_DIR = "corpus"  # in a RUN_DIR: the store the pipeline writes and the service reads its texts from
 SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("line", pa.int64())])
 
 
@@ -134,3 +135,22 @@ def lookup(folder: str | Path, ids: set[str]) -> dict[str, tuple[str, str]]:
             out.update(zip(hit.column("id").to_pylist(), zip(hit.column("title").to_pylist(),
                                                               hit.column("text").to_pylist())))
     return out
+
+
+def read_rows(folder: str | Path, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Passages [start, stop) in corpus order, reading only the parts that hold them: an index shard's texts, since
+    the index keeps the store's order (memory follows stop - start)."""
+    rec = record(folder)
+    if rec is None:
+        raise DataError(f"{folder}: not a complete corpus store (no {SUCCESS}); run the ingest again")
+    pieces, first = [], 0
+    for i, n in enumerate(rec["part_rows"]):
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo < hi:
+            pieces.append(pq.read_table(part_path(folder, i), columns=columns).slice(lo - first, hi - lo))
+        first += n
+    if first < stop or start < 0:
+        raise DataError(f"{folder}: rows [{start}, {stop}) asked, the store holds {first}; run the ingest again")
+    if not pieces:
+        return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
+    return pa.concat_tables(pieces).combine_chunks()

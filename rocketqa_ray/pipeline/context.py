@@ -66,10 +66,11 @@ class Context:
         malformed lines and duplicate ids stop the run here, named by file and line."""
         if self._store is None:
             from rocketqa_ray.batch.corpus import ingest_corpus
+            from rocketqa_ray.data.corpus_store import STORE_DIR
             from rocketqa_ray.ray_utils import ensure_ray
 
             ensure_ray(self.cfg.ray)
-            out = self.run_dir / "corpus"
+            out = self.run_dir / STORE_DIR
             ingest_corpus(find_corpus(self.cfg.data.path), out, self.cfg.data.corpus_chunk_mb, self.cfg.ray)
             self._store = out
         return self._store

@@ -49,6 +49,22 @@ class RunArtifacts:
         return d if d.is_dir() else None
 
     @property
+    def store_dir(self) -> Path | None:
+        """The run's corpus store (`data.corpus_store`, RUN_DIR/corpus), where a Retriever reads its shards' texts."""
+        from rocketqa_ray.data.corpus_store import STORE_DIR, record
+
+        d = self.run_dir / STORE_DIR
+        return d if record(d) is not None else None
+
+    def shard_groups(self, per_retriever: int) -> list[list[int]]:
+        """The index's shards, `per_retriever` consecutive ones to a Retriever deployment (0: all in one)."""
+        from rocketqa_ray.index.searcher import group_shards
+        from rocketqa_ray.index.store import read_meta
+
+        n = len(read_meta(self.index_dir)["files"])
+        return group_shards(n, per_retriever if per_retriever > 0 else n)
+
+    @property
     def rerank_default(self) -> bool:
         """Whether a request that does not say `rerank` is reranked: what held-out dev showed for this retriever
         (always, for a run that did not check)."""

@@ -1,7 +1,8 @@
 """The service's Ray-free components, one per Serve deployment (serve/app.py wraps each one):
 
     QueryEncoderCore.encode(queries)            -> [B, H] float32 query embeddings
-    RetrieverCore.search(emb, k, queries)        -> per query, k hits {id, title, text, score[, bm25]}
+    RetrieverCore.answer(emb, k, queries)        -> its shards' (scores, global rows, per query k hits {id, title,
+                                                    text, score[, bm25]}); merge_hits joins several shards' answers
     RerankerCore.score_many([(query, passages)]) -> per request, [n] cross-encoder probabilities
     combine(...)                                 -> the response's result list
 """
@@ -55,82 +56,102 @@ class QueryEncoderCore:
                                  device=self.device)
 
 
-class PassageStore:
-    """id -> (title, text) for the passages in the index, read once from the corpus."""
-
-    def __init__(self, corpus_path: str | Path, ids: list[str]):
-        wanted = set(ids)
-        self._rows: dict[str, tuple[str, str]] = {}
-        for p in iter_corpus(corpus_path):
-            if p["_id"] in wanted:
-                self._rows[p["_id"]] = (p["title"], p["text"])
-        missing = wanted.difference(self._rows)
-        if missing:
-            example = sorted(missing)[:3]
-            raise ServiceError(
-                f"{corpus_path}: {len(missing)} passage id(s) of the index are not in the corpus (e.g. {example}); "
-                "the index was built from another corpus than config data.path")
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def get(self, pid: str) -> tuple[str, str]:
-        return self._rows[pid]
-
-
 class RetrieverCore:
-    """A saved DenseIndex plus the passage texts; refuses an index built with another model. With `bm25`, each
-    hit also carries its BM25 score for the question (a feature of the reranker's fusion), from corpus statistics
-    (`retrieval.bm25_stats`)."""
+    """Consecutive shards of a saved index (all of them by default) with their passages' texts: one Retriever
+    replica's share of the corpus. Hits carry their global row, so several cores' answers merge (`merge_hits`) into
+    what one core over every shard returns. Refuses an index built with another model. With `bm25`, each hit also
+    carries its BM25 score for the question (a feature of the reranker's fusion), from corpus statistics
+    (`retrieval.bm25_stats`): no BM25 index, O(hits) per request."""
 
     def __init__(self, index_dir: str | Path, corpus_path: str | Path, expect_dim: int | None = None,
                  expect_fingerprint: str | None = None, index_cfg: IndexConfig | None = None,
-                 bm25: BM25Config | None = None, bm25_stats: str | Path | None = None):
-        from rocketqa_ray.index import DenseIndex
+                 bm25: BM25Config | None = None, bm25_stats: str | Path | None = None,
+                 shards: Sequence[int] | None = None, store_dir: str | Path | None = None, threads: int = 1):
+        from rocketqa_ray.index.searcher import ShardSearcher
+        from rocketqa_ray.index.store import read_meta
+        from rocketqa_ray.serving.texts import ShardTexts
 
         # index_cfg: the run's search-time knobs (nprobe, ef_search, use_gpu); the structure is the saved one.
-        self.index = DenseIndex.load(index_dir, expect_dim=expect_dim, expect_fingerprint=expect_fingerprint,
-                                     cfg=index_cfg)
-        self.store = PassageStore(corpus_path, list(self.index.ids))
+        meta = read_meta(index_dir, expect_dim=expect_dim, expect_fingerprint=expect_fingerprint)
+        shards = list(shards) if shards is not None else list(range(len(meta["files"])))
+        self.searcher = ShardSearcher(index_dir, shards, index_cfg, expect_fingerprint, threads)
+        self.total, self.metric = int(meta["ntotal"]), self.searcher.metric
+        self.texts = ShardTexts.load(self.searcher.ids, self.searcher.first_row, store_dir, corpus_path)
         self.lexical = None
         if bm25 is not None:
-            # BM25 per hit from corpus statistics (bm25_stats: the run's, else counted here): no BM25 index
-            from rocketqa_ray.retrieval.bm25_stats import CorpusStats, PairScorer
+            from rocketqa_ray.retrieval.bm25_stats import PairScorer
 
-            stats = None
-            if bm25_stats is not None and (Path(bm25_stats) / "bm25_stats.json").exists():
-                stats = CorpusStats.load(bm25_stats)
-            if stats is None or stats.stem != bm25.stem:
-                stats = CorpusStats.from_texts((passage_text(*self.store.get(p)) for p in self.index.ids), bm25.stem)
-            self.lexical = PairScorer(stats, bm25.k1, bm25.b)
+            self.lexical = PairScorer(corpus_stats(bm25, bm25_stats, store_dir, corpus_path), bm25.k1, bm25.b)
 
     @property
     def size(self) -> int:
-        return len(self.index.ids)
+        """Passages in the whole index (every shard), which bounds a request's top_k."""
+        return self.total
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.index.kind, "size": self.size, "dim": int(self.index.dim)}
+        s = self.searcher
+        return {"kind": s.kind, "size": self.size, "dim": int(s.dim), "shards": s.shards, "held": s.ntotal,
+                "metric": self.metric}
 
-    def search(self, emb: np.ndarray, k: int, queries: list[str] | None = None) -> list[list[dict]]:
-        """[B, H] query embeddings -> B lists of up to k hits {id, title, text, score}, best first; with a BM25
-        index and the B query strings, each hit also has its `bm25` score."""
+    def answer(self, emb: np.ndarray, k: int, queries: list[str] | None = None) -> ShardAnswer:
+        """[B, H] query embeddings -> (scores [B, k], global rows [B, k], B lists of up to k hits {id, title, text,
+        score[, bm25]}) from this core's shards, best first."""
         emb = np.ascontiguousarray(np.atleast_2d(emb), dtype=np.float32)
-        scores, rows = self.index.search(emb, min(k, self.size))
+        scores, rows, ids = self.searcher.search(emb, min(k, self.searcher.ntotal))
         out = []
-        for srow, rrow in zip(scores, rows):
+        for srow, rrow, names in zip(scores, rows, ids):
             hits = []
-            for s, r in zip(srow, rrow):
-                if r < 0:
-                    continue
-                pid = self.index.ids[int(r)]
-                title, text = self.store.get(pid)
+            for s, r, pid in zip(srow[rrow >= 0], rrow[rrow >= 0], names):
+                title, text = self.texts.get(int(r) - self.searcher.first_row)
                 hits.append({"id": pid, "title": title, "text": text, "score": float(s)})
             out.append(hits)
         if self.lexical is not None and queries is not None:
             for q, hits in zip(queries, out):
                 for h, v in zip(hits, self.lexical.score(q, [passage_text(h["title"], h["text"]) for h in hits])):
                     h["bm25"] = float(v)
-        return out
+        return scores, rows, out
+
+    def search(self, emb: np.ndarray, k: int, queries: list[str] | None = None) -> list[list[dict]]:
+        """[B, H] query embeddings -> B lists of up to k hits {id, title, text, score[, bm25]}, best first."""
+        return self.answer(emb, k, queries)[2]
+
+
+ShardAnswer = tuple[np.ndarray, np.ndarray, list[list[dict]]]  # one core's (scores, global rows, hits) per query
+
+
+def merge_hits(answers: Sequence[ShardAnswer], k: int, metric: str) -> list[list[dict]]:
+    """Per query, the best `k` hits over several cores' answers (given in shard order): ties fall as one index over
+    every shard breaks them, so a sharded service returns exactly what an unsharded one does."""
+    from rocketqa_ray.index.search import merge_topk
+
+    if len(answers) == 1:
+        return [hits[:k] for hits in answers[0][2]]
+    n = len(answers[0][2])
+    scores, rows = merge_topk([(s, r) for s, r, _ in answers], k, metric, n_queries=n)
+    out = []
+    for i in range(n):
+        by_row = {int(r): h for _, a_rows, a_hits in answers for r, h in zip(a_rows[i][a_rows[i] >= 0], a_hits[i])}
+        out.append([by_row[int(r)] for r in rows[i] if r >= 0])
+    return out
+
+
+def corpus_stats(bm25: BM25Config, saved: str | Path | None, store_dir: str | Path | None,
+                 corpus_path: str | Path) -> Any:
+    """The corpus's BM25 statistics: the run's saved ones when they match `bm25.stem`, else counted here from one
+    streamed pass over the whole corpus (memory: the vocabulary), so every shard scores with the same statistics."""
+    from rocketqa_ray.data import corpus_store
+    from rocketqa_ray.retrieval.bm25_stats import META, CorpusStats
+
+    if saved is not None and (Path(saved) / META).exists():
+        stats = CorpusStats.load(saved)
+        if stats.stem == bm25.stem:
+            return stats
+    if store_dir is not None and corpus_store.record(store_dir) is not None:
+        texts = (passage_text(t, x) for part in corpus_store.iter_parts(store_dir, ["title", "text"])
+                 for t, x in zip(part.column("title").to_pylist(), part.column("text").to_pylist()))
+    else:
+        texts = (passage_text(p["title"], p["text"]) for p in iter_corpus(corpus_path))
+    return CorpusStats.from_texts(texts, bm25.stem)
 
 
 class RerankerCore:

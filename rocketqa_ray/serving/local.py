@@ -20,6 +20,7 @@ from rocketqa_ray.serving.components import (
     RerankerCore,
     RetrieverCore,
     candidate_depth,
+    merge_hits,
     rerank_texts,
 )
 
@@ -32,9 +33,12 @@ class SearchService:
         self.serve_cfg = serve_cfg or arts.cfg.serve
         bf16 = arts.cfg.encode.bf16
         self.encoder = QueryEncoderCore(arts.model_dir, bf16=bf16, device=device)
-        self.retriever = RetrieverCore(arts.index_dir, arts.corpus_path, expect_dim=self.encoder.dim,
-                                       expect_fingerprint=self.encoder.fingerprint, index_cfg=arts.cfg.index,
-                                       bm25=arts.lexical, bm25_stats=arts.bm25_stats)
+        # the shard groups the Serve app gives its Retriever deployments (`serve.shards_per_retriever`)
+        self.retrievers = [
+            RetrieverCore(arts.index_dir, arts.corpus_path, expect_dim=self.encoder.dim,
+                          expect_fingerprint=self.encoder.fingerprint, index_cfg=arts.cfg.index, bm25=arts.lexical,
+                          bm25_stats=arts.bm25_stats, shards=group, store_dir=arts.store_dir)
+            for group in arts.shard_groups(self.serve_cfg.shards_per_retriever)]
         self.reranker = RerankerCore(arts.cross_dir, bf16=bf16, device=device) if arts.cross_dir else None
         self.fusion = arts.fusion  # read once: the property reads the cross-encoder's meta file
 
@@ -49,8 +53,9 @@ class SearchService:
         t0 = time.perf_counter()
         emb = self.encoder.encode([query])
         t1 = time.perf_counter()
-        k = candidate_depth(top_k, do_rerank, self.serve_cfg.rerank_top_k, self.retriever.size)
-        hits = self.retriever.search(emb, k, [query])[0]
+        first = self.retrievers[0]
+        k = candidate_depth(top_k, do_rerank, self.serve_cfg.rerank_top_k, first.size)
+        hits = merge_hits([r.answer(emb, k, [query]) for r in self.retrievers], k, first.metric)[0]
         t2 = time.perf_counter()
         scores = self.reranker.score_many([(query, rerank_texts(hits))])[0] if do_rerank else None
         t3 = time.perf_counter()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rocketqa_ray.data.beir import iter_corpus, passage_text
+from rocketqa_ray.data.corpus_store import STORE_DIR
 from rocketqa_ray.serving.artifacts import CROSS_STAGE, find_artifacts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,13 +57,16 @@ DEMO_FUSION = {"ce": 1.0, "dense": 2.0, "bm25": 0.2, "bias": -0.5}
 
 
 def make_demo_run_dir(out: str | Path, n_passages: int = 200, data_dir: str | Path | None = None,
-                      with_reranker: bool = True, preset: str = "tiny") -> Path:
+                      with_reranker: bool = True, preset: str = "tiny", shard_size: int | None = None,
+                      corpus_store: bool = True) -> Path:
     """A small servable RUN_DIR: an untrained dual encoder (stage md2) with a flat index over
     `n_passages` passages of squad-mini, a cross-encoder (mc) and config.json pointing at a copied
     BEIR subset (corpus.jsonl, queries.jsonl, qrels/test.tsv) inside `out/data`.
 
     preset "tiny": the random 32-d test BERT (seconds); "cpu": all-MiniLM-L6-v2 with the real
-    sequence lengths (for realistic latencies; the reranker head is still untrained)."""
+    sequence lengths (for realistic latencies; the reranker head is still untrained). `shard_size` cuts the index
+    into shards of that many passages; `corpus_store` writes RUN_DIR/corpus as the pipeline does (the service's
+    text store)."""
     from rocketqa_ray.config import IndexConfig, load_config
     from rocketqa_ray.index import DenseIndex
     from rocketqa_ray.io import write_json, write_text
@@ -84,7 +88,9 @@ def make_demo_run_dir(out: str | Path, n_passages: int = 200, data_dir: str | Pa
     dual.save(out / "md2" / "model")
     emb = dual.encode([passage_text(p["title"], p["text"]) for p in passages], kind="passage",
                       bf16=cfg.encode.bf16, device="cpu")
-    DenseIndex.build(emb, [p["_id"] for p in passages], IndexConfig(kind="flat"),
+    if corpus_store:
+        write_corpus_store(ddir / "corpus.jsonl", out / STORE_DIR)
+    DenseIndex.build(emb, [p["_id"] for p in passages], IndexConfig(kind="flat", shard_size=shard_size),
                      model_fingerprint=model_fingerprint(out / "md2" / "model")).save(out / "md2" / "index")
     write_json(out / "md2" / "_COMPLETE.json", {"stage": "md2", "demo": True})
     if with_reranker:
@@ -96,6 +102,18 @@ def make_demo_run_dir(out: str | Path, n_passages: int = 200, data_dir: str | Pa
         write_json(out / CROSS_STAGE / "_COMPLETE.json", {"stage": CROSS_STAGE, "demo": True})
     write_json(out / "config.json", cfg.to_dict())
     return out
+
+
+def write_corpus_store(corpus: Path, folder: Path) -> None:
+    """A one-part corpus store of a small corpus file, in-process (the pipeline's is written by Ray tasks)."""
+    from rocketqa_ray.batch.shards import source_stat
+    from rocketqa_ray.data import corpus_store as store
+    from rocketqa_ray.io import write_json
+
+    table = store.parse_chunk(corpus, 0, corpus.stat().st_size, 1)
+    store.write_part(folder, 0, table)
+    write_json(folder / store.SUCCESS, {"n_rows": table.num_rows, "part_rows": [table.num_rows],
+                                        "source": source_stat(corpus)})
 
 
 def demo_queries(run_dir: str | Path, n: int | None = None) -> list[str]:

@@ -30,6 +30,8 @@ from rocketqa_ray.serving.local import SearchService  # noqa: E402
 from rocketqa_ray.testing.demo import demo_queries, make_demo_run_dir  # noqa: E402
 
 APP = "rocketqa"
+SHARDED = "sharded"  # the same RUN_DIR served with one Retriever deployment per index shard
+SHARD_SIZE = 70
 TOL = 1e-4  # served vs in-process scores: same fp32 models, only batch padding differs
 
 
@@ -41,7 +43,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
-    return make_demo_run_dir(tmp_path_factory.mktemp("serve") / "run", n_passages=200)
+    # three index shards (70 + 70 + 60): the default app holds them in one Retriever, the sharded one in three
+    return make_demo_run_dir(tmp_path_factory.mktemp("serve") / "run", n_passages=200, shard_size=SHARD_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +65,38 @@ def service(ray_session, demo_run):
         serve.run(build_app({"run_dir": str(demo_run), "max_batch_size": "8", "batch_wait_timeout_s": "0.02"}),
                   name=APP, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("service did not become healthy in 60 s")
-            time.sleep(0.5)
+        wait_healthy(url)
         yield url
     finally:
         serve.shutdown()
+
+
+def wait_healthy(url: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def sharded(service, demo_run):
+    """The same RUN_DIR as `service`, one Retriever deployment per index shard, on the same Serve instance."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"run_dir": str(demo_run), "shards_per_retriever": "1", "max_batch_size": "8",
+                         "batch_wait_timeout_s": "0.02"}), name=SHARDED, route_prefix=f"/{SHARDED}")
+    url = f"{service}/{SHARDED}"
+    wait_healthy(url)
+    yield url
+    serve.delete(SHARDED)
 
 
 def post(url: str, body, timeout: float = 30.0) -> requests.Response:
@@ -297,6 +319,29 @@ def test_results_equal_offline_computation(service, offline, queries, rerank):
             assert offline.texts[h["id"]].endswith(h["text"]) and h["title"] in offline.texts[h["id"]]
 
 
+@pytest.mark.parametrize("rerank", [False, True])
+def test_sharded_service_equals_unsharded_and_offline(service, sharded, offline, queries, rerank):
+    """Three Retriever deployments, one per index shard, each holding only its shard's vectors and texts: the same
+    ids and scores as the one-Retriever service and as the offline computation, with and without rerank."""
+    h = requests.get(f"{sharded}/healthz", timeout=10).json()
+    held = [r["held"] for r in h["index"]["retrievers"]]
+    assert [r["shards"] for r in h["index"]["retrievers"]] == [[0], [1], [2]] and held == [70, 70, 60]
+    assert h["index"]["size"] == 200
+    whole = requests.get(f"{service}/healthz", timeout=10).json()["index"]["retrievers"]
+    assert whole == [{"shards": [0, 1, 2], "held": 200}]
+    k = 10
+    with ThreadPoolExecutor(len(queries)) as pool:
+        one = list(pool.map(lambda q: post(service, {"query": q, "top_k": k, "rerank": rerank}), queries))
+        three = list(pool.map(lambda q: post(sharded, {"query": q, "top_k": k, "rerank": rerank}), queries))
+    for q, a, b in zip(queries, one, three):
+        assert a.status_code == b.status_code == 200, (a.text, b.text)
+        ra, rb = a.json()["results"], b.json()["results"]
+        assert [x["id"] for x in rb] == [x["id"] for x in ra]
+        for x, y in zip(ra, rb):
+            assert abs(x["score"] - y["score"]) <= TOL and x["text"] == y["text"] and x.get("bm25") == y.get("bm25")
+        assert_same_ranking(rb, offline.reranked(q, k) if rerank else offline.dense(q, k + 20), k)
+
+
 def test_concurrent_requests_all_succeed(service, queries):
     def client(i: int) -> list[int]:
         codes = []
@@ -450,17 +495,22 @@ def test_search_page_in_headless_chromium(service, queries, offline, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_replica_is_replaced(service, queries, ray_session):
+@pytest.mark.parametrize("app,deployment", [(APP, "QueryEncoder"), (SHARDED, "Retriever1")])
+def test_killed_replica_is_replaced(app, deployment, queries, ray_session, request):
+    """Kill the only replica of a deployment under load (the query encoder; one shard's Retriever of the sharded
+    app): requests wait or get a 503 to retry, never a 500, and a new replica serves within a bounded time."""
     import ray
 
-    def replicas(deployment: str) -> list[str]:
+    url = request.getfixturevalue("service" if app == APP else "sharded")
+
+    def replicas() -> list[str]:
         # Replica actors are named SERVE_REPLICA::<app>#<deployment>#<id> in the "serve" namespace. (The state
         # API would need the dashboard, which test clusters do not start.)
-        prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
+        prefix = f"SERVE_REPLICA::{app}#{deployment}#"
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                       if a["namespace"] == "serve" and a["name"].startswith(prefix))
 
-    (victim,) = replicas("QueryEncoder")
+    (victim,) = replicas()
     codes: list[int] = []
     stop = threading.Event()
 
@@ -468,7 +518,7 @@ def test_killed_replica_is_replaced(service, queries, ray_session):
         i = 0
         while not stop.is_set():
             try:
-                codes.append(post(service, {"query": queries[i % len(queries)], "top_k": 3}, timeout=60).status_code)
+                codes.append(post(url, {"query": queries[i % len(queries)], "top_k": 3}, timeout=60).status_code)
             except requests.RequestException:
                 codes.append(-1)
             i += 1
@@ -482,22 +532,22 @@ def test_killed_replica_is_replaced(service, queries, ray_session):
         killed_at = time.time()
         recovered = None
         while time.time() - killed_at < 60:
-            alive = replicas("QueryEncoder")
+            alive = replicas()
             if alive and victim not in alive:
-                r = post(service, {"query": queries[0], "top_k": 3})
+                r = post(url, {"query": queries[0], "top_k": 3})
                 if r.status_code == 200:
                     recovered = time.time() - killed_at
                     break
             time.sleep(0.5)
-        assert recovered is not None, "no new QueryEncoder replica served a request within 60 s"
+        assert recovered is not None, f"no new {deployment} replica served a request within 60 s"
         time.sleep(1.0)
     finally:
         stop.set()
         for t in threads:
             t.join()
-    print(f"\nQueryEncoder replica killed; replaced and serving again after {recovered:.1f} s; "
+    print(f"\n{app}: {deployment} replica killed; replaced and serving again after {recovered:.1f} s; "
           f"{len(codes)} requests meanwhile, status counts {dict(zip(*np.unique(codes, return_counts=True)))}")
-    # While the only encoder replica restarts, requests wait or get a 503 to retry; never a 500.
+    # While the only replica restarts, requests wait or get a 503 to retry; never a 500.
     assert set(codes) <= {200, 503}, codes
     assert codes[-4:] == [200] * 4
 
