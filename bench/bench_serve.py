@@ -71,28 +71,41 @@ def in_process(svc, queries: list[str], rerank: bool, top_k: int, n: int, second
 
 def paired(svc, url: str, queries: list[str], rerank: bool, top_k: int, n: int, seconds: float) -> dict:
     """What Serve adds: the same query in-process, then over HTTP, alternating, so both see the same load
-    on a busy machine. Reports medians and the median of the per-query differences."""
+    on a busy machine. Reports medians, the median of the per-query differences, and where the difference goes:
+    each step's time in the ingress (a handle call to its deployment) minus the same step in-process, and the
+    client's latency minus the ingress's total (HTTP, the proxy, the ingress's routing and JSON)."""
     import requests
 
     s = requests.Session()
     local, served, diff = [], [], []
+    steps: dict[str, list[float]] = {"encode": [], "retrieve": [], "rerank": [], "http_proxy_ingress": []}
     t_end = time.perf_counter() + seconds
     for i in range(n):
         body = {"query": queries[i % len(queries)], "top_k": top_k, "rerank": rerank}
         t0 = time.perf_counter()
-        svc.search(body["query"], top_k=top_k, rerank=rerank)
+        mine = svc.search(body["query"], top_k=top_k, rerank=rerank)["timings_ms"]
         t1 = time.perf_counter()
         r = s.post(f"{url}/search", json=body, timeout=120)
         t2 = time.perf_counter()
         if r.status_code != 200:
             raise RuntimeError(f"paired request failed: {r.status_code} {r.text[:200]}")
+        theirs = r.json()["timings_ms"]
         local.append(1e3 * (t1 - t0))
         served.append(1e3 * (t2 - t1))
         diff.append(served[-1] - local[-1])
+        for k in ("encode", "retrieve", "rerank"):
+            steps[k].append(theirs[k] - mine[k])
+        steps["http_proxy_ingress"].append(served[-1] - theirs["total"])
         if time.perf_counter() > t_end:
             break
     return {"pairs": len(diff), "in_process_p50_ms": float(np.median(local)), "serve_p50_ms": float(np.median(served)),
-            "added_p50_ms": float(np.median(diff))}
+            "added_p50_ms": float(np.median(diff)),
+            "added_by_step_p50_ms": {k: round(float(np.median(v)), 3) for k, v in steps.items()}}
+
+
+def same_results(a: list[dict], b: list[dict], tol: float = 1e-4) -> bool:
+    return [h["id"] for h in a] == [h["id"] for h in b] and all(
+        abs(x["score"] - y["score"]) <= tol for x, y in zip(a, b))
 
 
 def load(url: str, queries: list[str], rerank: bool, top_k: int, clients: int, n: int, seconds: float) -> dict:
@@ -140,15 +153,15 @@ def load(url: str, queries: list[str], rerank: bool, top_k: int, clients: int, n
 
 def markdown(result: dict) -> str:
     """The latency table for the README."""
-    lines = ["| batching | rerank | clients | p50 ms | p95 ms | p99 ms | req/s | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| retriever | batching | rerank | clients | p50 ms | p95 ms | p99 ms | req/s | errors |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for c in result["serve"]:
         lat = c["latency_ms"]
-        lines.append(f"| {c['batching']} | {'yes' if c['rerank'] else 'no'} | {c['clients']} | {lat['p50']:.1f} | "
-                     f"{lat['p95']:.1f} | {lat['p99']:.1f} | {c['rps']:.1f} | {c['errors']} |")
+        lines.append(f"| {c['retriever']} | {c['batching']} | {'yes' if c['rerank'] else 'no'} | {c['clients']} | "
+                     f"{lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {c['rps']:.1f} | {c['errors']} |")
     for name, r in result["in_process"].items():
         lat = r["latency_ms"]
-        lines.append(f"| in-process | {'yes' if name.endswith('True') else 'no'} | 1 | {lat['p50']:.1f} | "
+        lines.append(f"| in-process | - | {'yes' if name.endswith('True') else 'no'} | 1 | {lat['p50']:.1f} | "
                      f"{lat['p95']:.1f} | {lat['p99']:.1f} | {r['rps']:.1f} | - |")
     return "\n".join(lines)
 
@@ -179,7 +192,13 @@ def main() -> int:
     ap.add_argument("--cell-seconds", type=float, default=20.0, help="time limit per cell")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--torch-threads", type=int, default=1, help="per model replica, and for the in-process run")
-    ap.add_argument("--batching", default="on,off", help="which batching modes to run")
+    ap.add_argument("--configs", default="unsharded:on,unsharded:off,sharded:on",
+                    help="comma-separated retriever:batching pairs (retriever: unsharded = one Retriever holding every "
+                         "shard, sharded = one per shard)")
+    ap.add_argument("--demo-shards", type=int, default=3, help="index shards of the demo RUN_DIR")
+    ap.add_argument("--compare", type=int, default=20, help="queries whose results are compared across configs")
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=None,
+                    help="override serve.batch_wait_timeout_s (seconds a batched call waits for more requests)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args()
 
@@ -200,11 +219,13 @@ def main() -> int:
         run_dir = Path(args.run_dir)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
-        run_dir = make_demo_run_dir(Path(tmp.name) / "run", n_passages=args.demo_passages, preset=args.demo_preset)
+        run_dir = make_demo_run_dir(Path(tmp.name) / "run", n_passages=args.demo_passages, preset=args.demo_preset,
+                                    shard_size=-(-args.demo_passages // args.demo_shards))
     arts = find_artifacts(run_dir)
     queries = demo_queries(run_dir)
     clients = [int(c) for c in args.concurrency.split(",")]
-    modes = [m.strip() for m in args.batching.split(",")]
+    configs = [c.strip().split(":") for c in args.configs.split(",")]
+    n_shards = len(arts.shard_groups(1))
     load_before = os.getloadavg()
 
     # -- in process (same thread budget as one replica)
@@ -220,21 +241,31 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     cells = []
     overhead: dict[str, dict] = {}
-    health = None
+    health: dict[str, dict] = {}
+    answers: dict[str, list] = {}
     try:
-        for mode in modes:
-            serve.run(build_app({"run_dir": str(run_dir), "batching": mode, "torch_threads": args.torch_threads}),
-                      name="bench", route_prefix="/")
-            health = wait_healthy(url)
+        for retriever, mode in configs:
+            name = f"retriever={retriever},batching={mode}"
+            app_args = {"run_dir": str(run_dir), "batching": mode, "torch_threads": args.torch_threads,
+                        "shards_per_retriever": 1 if retriever == "sharded" else 0}
+            if args.batch_wait_timeout_s is not None:
+                app_args["batch_wait_timeout_s"] = args.batch_wait_timeout_s
+            serve.run(build_app(app_args), name="bench", route_prefix="/")
+            health[name] = wait_healthy(url)
             load(url, queries, True, args.top_k, 4, 16, 30)  # warm-up: first calls load lazily
+            import requests
+
+            answers[name] = [requests.post(f"{url}/search", json={"query": q, "top_k": args.top_k, "rerank": r},
+                                           timeout=120).json()["results"]
+                             for q in queries[: args.compare] for r in reranks]
             for rerank in reranks:
-                overhead[f"batching={mode},rerank={rerank}"] = paired(
+                overhead[f"{name},rerank={rerank}"] = paired(
                     svc, url, queries, rerank, args.top_k, min(args.requests, 50), args.cell_seconds)
                 for c in clients:
                     res = load(url, queries, rerank, args.top_k, c, args.requests, args.cell_seconds)
-                    res.update(batching=mode, rerank=rerank)
+                    res.update(retriever=retriever, batching=mode, rerank=rerank)
                     cells.append(res)
-                    print(f"batching={mode:3s} rerank={rerank!s:5s} clients={c:2d}: "
+                    print(f"{retriever:9s} batching={mode:3s} rerank={rerank!s:5s} clients={c:2d}: "
                           f"p50 {res['latency_ms']['p50']:7.1f} ms  p95 {res['latency_ms']['p95']:7.1f}  "
                           f"p99 {res['latency_ms']['p99']:7.1f}  {res['rps']:6.1f} req/s  errors {res['errors']}",
                           file=sys.stderr, flush=True)
@@ -248,14 +279,21 @@ def main() -> int:
     for c in cells:
         if c["clients"] == 1:
             # HTTP + proxy = client latency - the ingress's own total (which includes the handle calls)
-            overhead[f"batching={c['batching']},rerank={c['rerank']}"]["http_and_proxy_p50_ms"] = (
-                c["latency_ms"]["p50"] - c["server_total_p50_ms"])
+            overhead[f"retriever={c['retriever']},batching={c['batching']},rerank={c['rerank']}"][
+                "http_and_proxy_p50_ms"] = c["latency_ms"]["p50"] - c["server_total_p50_ms"]
+    first = f"retriever={configs[0][0]},batching={configs[0][1]}"
+    sharded = next((n for n in answers if n.startswith("retriever=sharded")), None)
+    unsharded = next((n for n in answers if n.startswith("retriever=unsharded")), None)
+    equal = None
+    if sharded and unsharded:
+        equal = all(same_results(a, b) for a, b in zip(answers[sharded], answers[unsharded]))
+    memory = {n: [r["rss_mb"] for r in h["index"]["retrievers"]] for n, h in health.items()}
     result = {
         "benchmark": "serve",
         "run_dir": str(run_dir) if args.run_dir else
         f"demo RUN_DIR (make_demo_run_dir, preset {args.demo_preset}, {args.demo_passages} passages, untrained models)",
         "stage": arts.stage,
-        "index": health["index"] if health else None,
+        "index": next(iter(health.values()))["index"] if health else None,
         "top_k": args.top_k,
         "rerank_top_k": arts.cfg.serve.rerank_top_k,
         "max_batch_size": arts.cfg.serve.max_batch_size,
@@ -270,6 +308,14 @@ def main() -> int:
         "in_process": inproc,
         "serve": cells,
         "serve_overhead": overhead,
+        "overhead_ms": {"config": first, "p50_1_client_no_rerank": overhead[f"{first},rerank=False"]["added_p50_ms"],
+                        "by_step_p50_1_client_no_rerank": overhead[f"{first},rerank=False"]["added_by_step_p50_ms"]},
+        "sharded": {"shards": n_shards, "retrievers": len(next((h for n, h in health.items() if n == sharded),
+                                                                {"index": {"retrievers": []}})["index"]["retrievers"]),
+                    "equal_to_unsharded": equal, "compared_requests": len(answers.get(sharded or "", []))},
+        "retriever_replica_rss_mb": memory,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s if args.batch_wait_timeout_s is not None
+        else arts.cfg.serve.batch_wait_timeout_s,
         "total_errors": sum(c["errors"] for c in cells),
     }
     result["markdown"] = markdown(result)

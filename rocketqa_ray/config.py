@@ -271,7 +271,8 @@ class ServeConfig:
                                         "shards' vectors, ids and texts; 0: one deployment holds every shard")
     reranker_replicas: int = setting(1, ge=1, help="cross-encoder reranker replicas")
     max_batch_size: int = setting(16, ge=1, help="concurrent requests batched into one forward pass")
-    batch_wait_timeout_s: float = setting(0.01, ge=0, help="seconds a batch waits to fill")
+    batch_wait_timeout_s: float = setting(0.0, ge=0, help="seconds a batch waits to fill; 0: a batch is what queued "
+                                          "while the previous one ran (no added latency at low load)")
     max_query_chars: int = setting(1000, ge=1, help="longer queries are refused")
     rerank_top_k: int = setting(20, ge=1, help="candidates the cross-encoder reranks per request")
 

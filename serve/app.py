@@ -106,7 +106,11 @@ class Retriever:
         return self.core.answer(emb[None, :], k, [query] if query is not None else None)
 
     def info(self) -> dict[str, Any]:
-        return self.core.info()
+        import psutil
+
+        # what this replica holds, for /healthz and the serving benchmark's memory per replica
+        return {**self.core.info(), "texts_mb": round(self.core.texts.nbytes / 2**20, 2),
+                "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
@@ -183,8 +187,9 @@ class SearchIngress:
         if self._index_info is None:
             parts = await asyncio.gather(*[self._call(self._name(g), lambda h=h: h.info.remote())
                                            for g, h in enumerate(self.retrievers)])
-            info = {k: v for k, v in parts[0].items() if k not in ("shards", "held")}
-            self._index_info = {**info, "retrievers": [{"shards": p["shards"], "held": p["held"]} for p in parts]}
+            own = ("shards", "held", "texts_mb", "rss_mb")
+            info = {k: v for k, v in parts[0].items() if k not in own}
+            self._index_info = {**info, "retrievers": [{k: p[k] for k in own} for p in parts]}
         return self._index_info
 
     def _name(self, g: int) -> str:

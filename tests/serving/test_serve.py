@@ -327,8 +327,11 @@ def test_sharded_service_equals_unsharded_and_offline(service, sharded, offline,
     held = [r["held"] for r in h["index"]["retrievers"]]
     assert [r["shards"] for r in h["index"]["retrievers"]] == [[0], [1], [2]] and held == [70, 70, 60]
     assert h["index"]["size"] == 200
-    whole = requests.get(f"{service}/healthz", timeout=10).json()["index"]["retrievers"]
-    assert whole == [{"shards": [0, 1, 2], "held": 200}]
+    (whole,) = requests.get(f"{service}/healthz", timeout=10).json()["index"]["retrievers"]
+    assert whole["shards"] == [0, 1, 2] and whole["held"] == 200
+    # each shard replica holds its own passages' texts only
+    assert sum(r["texts_mb"] for r in h["index"]["retrievers"]) == pytest.approx(whole["texts_mb"], abs=0.03)
+    assert all(0 < r["texts_mb"] < whole["texts_mb"] for r in h["index"]["retrievers"])
     k = 10
     with ThreadPoolExecutor(len(queries)) as pool:
         one = list(pool.map(lambda q: post(service, {"query": q, "top_k": k, "rerank": rerank}), queries))
