@@ -260,6 +260,7 @@ class AppArgs:
     batching: bool = True
     autoscaling: bool = False  # replicas scale between 1 and <deployment>_replicas on ongoing requests
     num_gpus: float = 0.0  # per encoder/reranker replica; > 0 runs the models on CUDA
+    retriever_gpus: float = 0.0  # per Retriever replica; > 0 searches its shards on the GPU (faiss-gpu, index.use_gpu)
     torch_threads: int = 1  # per model replica (replicas share the machine's cores)
 
 
@@ -292,9 +293,9 @@ def _replicas(n: int, autoscaling: bool, target: int) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application graph for a RUN_DIR. `args` (strings from the command line, or typed from a
-    config file): run_dir (required), batching, autoscaling, num_gpus, torch_threads, and any
+    config file): run_dir (required), batching, autoscaling, num_gpus, retriever_gpus, torch_threads, and any
     ServeConfig field (encoder_replicas, retriever_replicas, reranker_replicas, max_batch_size,
-    batch_wait_timeout_s, max_query_chars, rerank_top_k)."""
+    batch_wait_timeout_s, max_query_chars, rerank_top_k, shards_per_retriever)."""
     app_args, overrides = parse_args(args)
     arts = find_artifacts(app_args.run_dir)
     scfg = dataclasses.replace(arts.cfg.serve, **overrides)
@@ -319,7 +320,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     groups = arts.shard_groups(scfg.shards_per_retriever)
     retrievers = [Retriever.options(
         name="Retriever" if len(groups) == 1 else f"Retriever{g}",
-        ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 0.1, **({"num_gpus": app_args.retriever_gpus} if app_args.retriever_gpus else {})},
+        max_ongoing_requests=64,
         **_replicas(scfg.retriever_replicas, app_args.autoscaling, 8),
     ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index, arts.lexical,
            str(arts.bm25_stats) if arts.bm25_stats else None, shards, str(arts.store_dir) if arts.store_dir else None)

@@ -132,7 +132,8 @@ class Context:
     @property
     def bm25_pairs(self) -> PairScorer:
         """BM25 per (question, passage) pair from the corpus's statistics (`retrieval.bm25_stats`), counted once
-        and kept in RUN_DIR/bm25_stats for the service; recounted when the corpus file or `bm25.stem` changed."""
+        and kept in RUN_DIR/bm25_stats for the service (Ray Data, `batch.bm25_stats`); recounted when the corpus file or
+        `bm25.stem` changed."""
         from rocketqa_ray.pipeline.integrity import describe_file
         from rocketqa_ray.retrieval.bm25_stats import STATS_DIR, CorpusStats, PairScorer
 
@@ -142,9 +143,10 @@ class Context:
             stats = None
             if read_json_if_valid(d / "corpus.json") == corpus:
                 stats = CorpusStats.load(d)
-            if stats is None or stats.stem != b.stem:
-                stats = CorpusStats.from_texts((text for _, text in self.passages.iter_texts()), stem=b.stem)
-                stats.save(d)
+            if stats is None or stats.stem != b.stem:  # counted by Ray Data where the store's parts are read
+                from rocketqa_ray.batch.bm25_stats import count_corpus_stats
+
+                stats = count_corpus_stats(self.corpus_store, b.stem, d, self.cfg.ray)
                 write_json(d / "corpus.json", corpus)
             self._pairs = PairScorer(stats, b.k1, b.b)
         return self._pairs
