@@ -55,6 +55,27 @@ def write_pairs(pairs: list[tuple[str, str]], path: str | Path) -> Path:
     return path
 
 
+def write_questions(qids: list[str], texts: list[str], path: str | Path) -> Path:
+    """A Parquet file of (qid, query) for `score_pair_files`' `questions`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"qid": pa.array(qids, pa.string()), "query": pa.array(texts, pa.string())}), path)
+    return path
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a file's bytes (the job record of inputs that are rewritten in place)."""
+    import hashlib
+
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: str | Path, out_dir: str | Path,
                      cfg: EncodeConfig, candidates: str | Path | None = None, top: int = 0,
                      extra: str | Path | None = None, ray_cfg: RayConfig | None = None) -> Path:
@@ -70,8 +91,10 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
 
     out = Path(out_dir)
     model_dir = resolve_model_dir(model_dir)
+    cand_record = read_json_if_valid(Path(candidates) / SUCCESS) if candidates else None
     job = {"task": "score_pairs", "model_fingerprint": model_fingerprint(model_dir), "top": int(top),
-           "candidates": str(candidates) if candidates else None, "extra": str(extra) if extra else None}
+           "candidates": str(candidates) if candidates else None, "candidates_job": cand_record,
+           "extra": file_digest(extra), "questions": file_digest(questions)}
     done = read_json_if_valid(out / SUCCESS)
     if isinstance(done, dict) and done.get("job") == job:
         return out

@@ -138,6 +138,23 @@ def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Pa
     return load_scores(out)
 
 
+def candidate_ce_scores(ctx: Context, stage: str, top: int, extra: list[tuple[str, str]], qids: list[str],
+                        d: Path) -> PairScores:
+    """Cross-encoder probabilities of `stage`'s top `top` hard-negative candidates per question (its TRAIN_TOP
+    folder) plus the `extra` pairs, by the Ray Data flow that joins them to the corpus store's and the questions'
+    texts (`batch.pair_flow`): the driver writes the question texts and the extra ids, never a passage text."""
+    from rocketqa_ray.batch.pair_flow import read_pair_scores, score_pair_files, write_pairs, write_questions
+
+    start_ray(ctx)
+    inputs = d.with_name(d.name + "_inputs")
+    questions = write_questions(qids, [ctx.qtext(q) for q in qids], inputs / "questions.parquet")
+    extra_file = write_pairs(extra, inputs / "extra.parquet") if extra else None
+    out = score_pair_files(ctx.stage_dir("mc") / "model", ctx.corpus_store, questions, d, ctx.cfg.encode,
+                           candidates=ctx.stage_dir(stage) / TRAIN_TOP, top=top, extra=extra_file,
+                           ray_cfg=ctx.cfg.ray)
+    return read_pair_scores(out)
+
+
 # negatives per held-out group of early stopping: enough that the positive's rank says something, few enough to
 # score every `eval_every` steps
 VAL_NEGATIVES = 7

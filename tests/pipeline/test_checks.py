@@ -71,7 +71,7 @@ def test_a_starved_cross_encoder_fails_its_check_on_the_console_and_in_the_repor
 
 def test_denoising_falls_back_to_the_fused_score(starved_run):
     """md1's pool is what denoising with the fused score (M_C + M_D0 + BM25, fit for M_D0 on dev) keeps."""
-    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.pipeline.shared import bm25_negatives, train_top
     from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
     from rocketqa_ray.rocketqa.denoise import denoise
@@ -79,7 +79,7 @@ def test_denoising_falls_back_to_the_fused_score(starved_run):
     p, _, _ = starved_run
     s, m = p.results["md1"].stats, p.cfg.mining
     assert s["denoise_scores"] == "fused (cross-encoder check failed)"
-    raw = load_scores(p.run_dir / "md1" / "denoise_scores")
+    raw = read_pair_scores(p.run_dir / "md1" / "denoise_scores")
     fused = fused_md0_scores(p.ctx, list(raw), raw)
     assert fused != raw
     ctx, train = p.ctx, p.ctx.splits.train

@@ -551,7 +551,7 @@ def test_a_rerank_not_better_on_dev_is_not_the_answer(run, tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------ step 3
 def test_md1_denoised_pool(run):
-    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
 
     res = run("md1")
     d, ctx, m = run.dir("md1"), run.ctx, run.cfg.mining
@@ -574,7 +574,7 @@ def test_md1_denoised_pool(run):
     assert s["kept_checked"] + s["dropped_checked"] == s["scored"]
     # kept = exactly the candidates the cross-encoder scored below the threshold (fused with M_D0 and BM25 where
     # the tiny cross-encoder failed its check: tests/pipeline/test_checks.py pins that path)
-    scores = load_scores(d / "denoise_scores")
+    scores = read_pair_scores(d / "denoise_scores")
     assert set(scores) == {(q, p) for q, ps in cands.items() for p in ps}
     if not run.results["mc"].stats["check"]["passed"]:
         from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
@@ -630,7 +630,7 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     exactly when it scores above denoise_relative x its question's positive."""
     import shutil
 
-    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.pipeline.checks import ce_fallback
     from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
 
@@ -643,7 +643,7 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     if run.dir("bm25_stats").exists():  # corpus statistics of the BM25 feature, built once per run
         shutil.copytree(run.dir("bm25_stats"), other.dir("bm25_stats"))
     res = other("md1")
-    raw = load_scores(other.dir("md1") / "denoise_scores")
+    raw = read_pair_scores(other.dir("md1") / "denoise_scores")
     # what the rule judged: the cross-encoder's probabilities, or their fusion where M_C failed its check
     fused = ce_fallback(other.dir("mc")) == "fused"
     scores = fused_md0_scores(other.ctx, list(raw), raw) if fused else raw

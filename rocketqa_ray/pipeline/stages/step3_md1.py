@@ -13,7 +13,7 @@ from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
     bm25_negatives,
-    ce_scores,
+    candidate_ce_scores,
     dense_eval,
     dense_scores,
     dual_encoder_check,
@@ -36,7 +36,8 @@ POOL = "hard_negative_pool.json"
 def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult:
     m = cfg.mining
     train = ctx.splits.train
-    cands = {q: v[: m.denoise_top] for q, v in train_top(ctx, "md0").items()}
+    md0_top = {q: v[: m.denoise_top] for q, v in train_top(ctx, "md0").items()}
+    cands = md0_top
     sources = {"md0": cands}
     stats: dict = {}
     if m.bm25_negatives:
@@ -51,7 +52,11 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
         pairs = [(q, p) for q, ps in cands.items() for p in ps]
         gold = gold_positive(ctx, list(cands)) if rule.needs_positive else {}
         pairs += [(q, p) for q, p in gold.items()]  # the bar of a relative/margin rule
-        scores = ce_scores(ctx, pairs, d / "denoise_scores")
+        # md0's candidates are scored from its candidates folder, joined to their texts by Ray Data; only BM25's
+        # additions and the gold positives travel as ids from here
+        mined = {(q, p) for q, ps in md0_top.items() for p in ps}
+        extra = list(dict.fromkeys(pair for pair in pairs if pair not in mined))
+        scores = candidate_ce_scores(ctx, "md0", m.denoise_top, extra, list(cands), d / "denoise_scores")
         if fallback == "fused":  # the cross-encoder alone failed its check: its fusion with M_D0 and BM25 decides
             scores = fused_md0_scores(ctx, pairs, scores)
             stats["denoise_scores"] = "fused (cross-encoder check failed)"
