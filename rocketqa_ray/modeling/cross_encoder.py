@@ -60,7 +60,9 @@ class CrossEncoder(nn.Module):
         return path
 
     def tokenize(self, questions: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(questions, passages, padding=True, truncation="only_second" if self.max_len > 64 else True,
+        # longest_first cuts the passage alone while the question fits in half of max_len (then it equals
+        # only_second) and the question too when it does not, where only_second raises instead
+        return dict(self.tokenizer(questions, passages, padding=True, truncation="longest_first",
                                    max_length=self.max_len, return_tensors="pt"))
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

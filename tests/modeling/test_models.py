@@ -97,6 +97,18 @@ def test_cross_encoder_round_trip_and_sentence_transformers(tmp_path):
     np.testing.assert_allclose(st_scores, scores, atol=1e-5)
 
 
+def test_cross_encoder_truncates_a_question_longer_than_max_len():
+    """A question that fills max_len is cut too (only_second would raise); a short one keeps every token and the
+    passage alone is cut, as only_second would."""
+    ce = CrossEncoder.from_base("tiny", max_len=96)
+    long_q, short_q, passage = "what " * 200, "who wrote it", "a passage " * 100
+    scores = ce.score([long_q, short_q], [passage, passage], 8, "false", "cpu")
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+    ours = ce.tokenize([short_q], [passage])["input_ids"][0].tolist()
+    ref = ce.tokenizer([short_q], [passage], truncation="only_second", max_length=96)["input_ids"][0]
+    assert ours == ref and len(ours) == 96
+
+
 def test_cross_encoder_forward_shape():
     ce = CrossEncoder.from_base("tiny", max_len=64)
     feats = ce.tokenize(QUERIES, PASSAGES[:3])
