@@ -8,11 +8,13 @@ distributed path, one phase after another:
     encode  passages -> embedding parts (Ray Data actor pool)
     index   flat FAISS shards of `--shard-size` vectors, each filled and written by a Ray task
     mine    questions -> query encoder -> searcher actors (one per shard) -> top-k, gold excluded -> Parquet
+    bm25    the corpus's BM25 statistics (Ray Data: counted per batch, summed by a groupby over terms)
+    score   every question's top `--score-top` candidates joined to passage and question texts (Ray Data joins),
+            scored by a cross-encoder actor pool -> Parquet
 
 Each size runs in a fresh process with its own Ray cluster. Reported per phase: wall time, the driver's peak RSS
 during the phase (sampled every 50 ms), and the peak RSS of each worker kind (from the workers themselves).
-Not yet here: cross-encoder scoring of the candidates and the training examples, which still take a list of
-pairs from the driver (the next part of issue 16).
+Not yet here: denoising and the training examples, which still read the scores back into the driver.
 
     python bench/bench_scale.py                           # N = 100k / Q = 5k and N = 1M / Q = 50k
     python bench/bench_scale.py --sizes 20000,200000      # quicker
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SQUAD = ROOT.parent / "shared" / "data" / "squad" / "corpus.jsonl"
-PHASES = ("ingest", "encode", "index", "mine")
+PHASES = ("ingest", "encode", "index", "mine", "bm25", "score")
 
 
 def sentences() -> list[str]:
@@ -100,11 +102,14 @@ def child(args: argparse.Namespace) -> None:
     """One size, in this fresh process."""
     import ray
 
+    from rocketqa_ray.batch.bm25_stats import count_corpus_stats
     from rocketqa_ray.batch.corpus import ingest_corpus
     from rocketqa_ray.batch.encode import embeddings_info, encode_corpus
     from rocketqa_ray.batch.index_build import build_index
+    from rocketqa_ray.batch.pair_flow import score_pair_files, write_questions
     from rocketqa_ray.batch.search import Searchers, retrieve_to_parquet
     from rocketqa_ray.config import EncodeConfig, IndexConfig, ModelConfig, RayConfig
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
     from rocketqa_ray.modeling.dual_encoder import DualEncoder
     from rocketqa_ray.ray_utils import ensure_ray
     from rocketqa_ray.retrieval.candidates import count_rows
@@ -114,6 +119,8 @@ def child(args: argparse.Namespace) -> None:
     with open(work / "data" / "questions.jsonl", encoding="utf-8") as f:
         questions = [tuple(json.loads(line)) for line in f]
     model = DualEncoder.from_base(ModelConfig(base="tiny", query_max_len=16, passage_max_len=64)).save(work / "model")
+    ce = CrossEncoder.from_base("tiny", max_len=96).save(work / "ce")
+    write_questions([q for q, _, _ in questions], [t for _, t, _ in questions], work / "questions.parquet")
     ensure_ray(RayConfig(local_num_cpus=4))
     base_mb = PeakRSS().proc.memory_info().rss / 2**20
     enc = EncodeConfig(batch_size=256, num_actors=2, cpus_per_actor=1.0, rows_per_shard=20000)
@@ -153,7 +160,16 @@ def child(args: argparse.Namespace) -> None:
         assert count_rows(folder) == len(qids)
         return {"searchers": len(rss), "searcher_peak_rss_mb": [round(r / 1024, 1) for r in rss]}
 
-    for name, fn in zip(PHASES, (ingest, encode, index, mine)):
+    def bm25():
+        stats = count_corpus_stats(work / "store", False, work / "bm25_stats")
+        return {"terms": len(stats.df), "passages": stats.n_docs}
+
+    def score():
+        folder = score_pair_files(ce, work / "store", work / "questions.parquet", work / "scores", enc,
+                                  candidates=work / "cands", top=args.score_top)
+        return {"pairs": json.loads((folder / "_SUCCESS.json").read_text())["pairs"]}
+
+    for name, fn in zip(PHASES, (ingest, encode, index, mine, bm25, score)):
         phase(name, fn)
     out["driver_peak_rss_mb"] = max(p["driver_peak_rss_mb"] for p in out["phases"].values())
     print(json.dumps(out))
@@ -185,6 +201,7 @@ def main() -> None:
     ap.add_argument("--questions-per-passage", type=float, default=0.05, help="Q = this x N")
     ap.add_argument("--shard-size", type=int, default=250_000, help="vectors per index shard")
     ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--score-top", type=int, default=2, help="candidates per question scored by the cross-encoder")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -200,19 +217,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"scale-{n}-") as work:
             write_synthetic(Path(work) / "data", n, q)  # here, not in the measured process
             cmd = [sys.executable, __file__, "--child", "--n", str(n), "--q", str(q), "--work", work,
-                   "--shard-size", str(args.shard_size), "--top-k", str(args.top_k)]
+                   "--shard-size", str(args.shard_size), "--top-k", str(args.top_k),
+                   "--score-top", str(args.score_top)]
             t0 = time.perf_counter()
             res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, check=False,
                                  env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
             if res.returncode != 0:
                 sys.exit(f"size {n} failed (rc {res.returncode})")
-            run = json.loads(res.stdout.strip().splitlines()[-1])
+            # the child's record is its last JSON line (Ray may print after it)
+            run = json.loads(next(x for x in reversed(res.stdout.splitlines()) if x.startswith('{"passages"')))
             run["wall_seconds"] = round(time.perf_counter() - t0, 1)
             runs.append(run)
     small, large = runs[0], runs[-1]
     result = {
         "benchmark": "bench_scale", "model": "tiny BERT (random weights), passage_max_len 64", "index": "flat",
-        "shard_size": args.shard_size, "top_k": args.top_k, "runs": runs,
+        "shard_size": args.shard_size, "top_k": args.top_k, "score_top": args.score_top, "runs": runs,
         "driver_growth": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"] - 1, 3),
         "goal": "driver peak RSS grows by at most 15% from the small to the large run",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
