@@ -7,6 +7,7 @@ that every file it finds is complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -89,3 +90,27 @@ def read_json_if_valid(path: str | os.PathLike) -> Any | None:
         return read_json(path)
     except (OSError, ValueError):
         return None
+
+
+SMALL = 64 << 20  # files up to this size are hashed whole; larger ones (corpora, indexes) by their ends
+SAMPLE = 4 << 20
+
+
+def file_digest(path: str | os.PathLike, size: int) -> str:
+    """A content hash of a file of `size` bytes: of all of it when small, of its first and last MiBs when large."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        if size <= SMALL:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        else:
+            h.update(f.read(SAMPLE))
+            f.seek(size - SAMPLE)
+            h.update(f.read(SAMPLE))
+    return h.hexdigest()[:16]
+
+
+def describe_file(path: str | os.PathLike) -> dict:
+    """{size, sha1}: what a job or a stage records of a file to notice that it changed."""
+    size = Path(path).stat().st_size
+    return {"size": size, "sha1": file_digest(path, size)}

@@ -53,12 +53,10 @@ def count_corpus_stats(store_dir: str | Path, stem: bool, out_dir: str | Path, r
 
     from rocketqa_ray.ray_utils import ensure_ray
 
-    rec = corpus_store.record(store_dir)
-    if rec is None:
-        raise DataError(f"{store_dir}: not a complete corpus store (no {corpus_store.SUCCESS}); run the ingest again")
+    rec = corpus_store.require_record(store_dir)
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
-    files = [str(corpus_store.part_path(store_dir, i)) for i in range(len(rec["part_rows"]))]
+    files = corpus_store.part_files(store_dir)
     ds = ray.data.read_parquet(files, columns=["title", "text"])
     counts = ds.map_batches(count_terms, fn_kwargs={"stem": stem}, batch_size=batch_size, batch_format="numpy",
                             num_cpus=0.5)

@@ -105,13 +105,11 @@ def missing_ids(folder: str | Path, ids: set[str]) -> set[str]:
     """The ids (a bounded set: qrels' passages) the corpus store does not hold, checked by one task per part."""
     import ray
 
-    rec = store.record(folder)
-    if rec is None:
-        raise DataError(f"{folder}: not a complete corpus store")
+    files = store.part_files(folder)
     want = sorted(ids)
     find = ray.remote(found_ids).options(num_cpus=0.25)
     ref = ray.put(want)
     seen: set[str] = set()
-    for part in ray.get([find.remote(str(store.part_path(folder, i)), ref) for i in range(len(rec["part_rows"]))]):
+    for part in ray.get([find.remote(f, ref) for f in files]):
         seen.update(part)
     return ids - seen

@@ -49,8 +49,8 @@ def build_index(emb_dir: str | Path, cfg: IndexConfig, out_dir: str | Path, ray_
     with atomic_dir(out) as tmp:
         plan_ref = ray.put(plan)
         where = spread_over_nodes(len(plan.ranges), cfg.build_cpus)
-        pending = [fill.options(num_cpus=cfg.build_cpus, max_retries=3, scheduling_strategy=where[j]).remote(str(emb_dir), plan_ref, j, str(tmp))
-                   for j in range(len(plan.ranges))]
+        pending = [fill.options(num_cpus=cfg.build_cpus, max_retries=3, scheduling_strategy=where[j])
+                   .remote(str(emb_dir), plan_ref, j, str(tmp)) for j in range(len(plan.ranges))]
         with Progress(f"index {out.parent.name}/{out.name}", plan.n_total, "vectors") as progress:
             for rec in as_completed(pending):
                 sizes[rec["shard"]] = rec["ntotal"]

@@ -22,7 +22,7 @@ from rocketqa_ray.config import EncodeConfig, RayConfig
 from rocketqa_ray.data import corpus_store
 from rocketqa_ray.data.beir import passage_text
 from rocketqa_ray.errors import DataError
-from rocketqa_ray.io import atomic_dir, read_json_if_valid, write_json
+from rocketqa_ray.io import atomic_dir, atomic_path, describe_file, read_json_if_valid, write_json
 from rocketqa_ray.retrieval.candidates import SUCCESS
 
 log = logging.getLogger(__name__)
@@ -49,31 +49,17 @@ def passages_of(batch: pa.Table) -> pa.Table:
 
 def write_pairs(pairs: list[tuple[str, str]], path: str | Path) -> Path:
     """A Parquet file of (qid, pid) pairs for `score_pair_files`' `extra` (e.g. each question's gold positive)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"qid": [q for q, _ in pairs], "pid": [p for _, p in pairs]}, schema=PAIRS_SCHEMA), path)
-    return path
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(pa.table({"qid": [q for q, _ in pairs], "pid": [p for _, p in pairs]}, schema=PAIRS_SCHEMA),
+                       tmp)
+    return Path(path)
 
 
 def write_questions(qids: list[str], texts: list[str], path: str | Path) -> Path:
     """A Parquet file of (qid, query) for `score_pair_files`' `questions`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"qid": pa.array(qids, pa.string()), "query": pa.array(texts, pa.string())}), path)
-    return path
-
-
-def file_digest(path: str | Path | None) -> str | None:
-    """sha256 of a file's bytes (the job record of inputs that are rewritten in place)."""
-    import hashlib
-
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(pa.table({"qid": pa.array(qids, pa.string()), "query": pa.array(texts, pa.string())}), tmp)
+    return Path(path)
 
 
 def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: str | Path, out_dir: str | Path,
@@ -94,13 +80,11 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
     cand_record = read_json_if_valid(Path(candidates) / SUCCESS) if candidates else None
     job = {"task": "score_pairs", "model_fingerprint": model_fingerprint(model_dir), "top": int(top),
            "candidates": str(candidates) if candidates else None, "candidates_job": cand_record,
-           "extra": file_digest(extra), "questions": file_digest(questions)}
+           "extra": describe_file(extra) if extra else None, "questions": describe_file(questions)}
     done = read_json_if_valid(out / SUCCESS)
     if isinstance(done, dict) and done.get("job") == job:
         return out
-    rec = corpus_store.record(store_dir)
-    if rec is None:
-        raise DataError(f"{store_dir}: not a complete corpus store (no {corpus_store.SUCCESS}); run the ingest again")
+    rec = corpus_store.require_record(store_dir)
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
     parts = []
@@ -119,7 +103,7 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
     n_pairs = pairs.count()
     if n_pairs == 0:
         raise DataError(f"score_pair_files: {candidates or extra} hold no pairs")
-    files = [str(corpus_store.part_path(store_dir, i)) for i in range(len(rec["part_rows"]))]
+    files = corpus_store.part_files(store_dir)
     passages = ray.data.read_parquet(files, columns=["id", "title", "text"]).map_batches(passages_of,
                                                                                         batch_format="pyarrow")
     queries = ray.data.read_parquet(str(questions), columns=["qid", "query"])

@@ -105,11 +105,22 @@ def record(folder: str | Path) -> dict | None:
     return rec if isinstance(rec, dict) and "part_rows" in rec else None
 
 
-def iter_parts(folder: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """The passages part by part, in corpus order."""
+def require_record(folder: str | Path) -> dict:
+    """The record of a complete store; a DataError naming the folder otherwise."""
     rec = record(folder)
     if rec is None:
         raise DataError(f"{folder}: not a complete corpus store (no {SUCCESS}); run the ingest again")
+    return rec
+
+
+def part_files(folder: str | Path) -> list[str]:
+    """The paths of a complete store's parts, in corpus order (what Ray Data reads)."""
+    return [str(part_path(folder, i)) for i in range(len(require_record(folder)["part_rows"]))]
+
+
+def iter_parts(folder: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The passages part by part, in corpus order."""
+    rec = require_record(folder)
     for i, n in enumerate(rec["part_rows"]):
         table = pq.read_table(part_path(folder, i), columns=columns)
         if table.num_rows != n:
@@ -124,9 +135,7 @@ def lookup(folder: str | Path, ids: set[str]) -> dict[str, tuple[str, str]]:
 
     want = pa.array(sorted(ids), pa.string())
     out: dict[str, tuple[str, str]] = {}
-    rec = record(folder)
-    if rec is None:
-        raise DataError(f"{folder}: not a complete corpus store (no {SUCCESS}); run the ingest again")
+    rec = require_record(folder)
     for i in range(len(rec["part_rows"])):
         f = pq.ParquetFile(part_path(folder, i))
         rows = pc.indices_nonzero(pc.is_in(f.read(columns=["id"]).column("id"), value_set=want))
@@ -140,9 +149,7 @@ def lookup(folder: str | Path, ids: set[str]) -> dict[str, tuple[str, str]]:
 def read_rows(folder: str | Path, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
     """Passages [start, stop) in corpus order, reading only the parts that hold them: an index shard's texts, since
     the index keeps the store's order (memory follows stop - start)."""
-    rec = record(folder)
-    if rec is None:
-        raise DataError(f"{folder}: not a complete corpus store (no {SUCCESS}); run the ingest again")
+    rec = require_record(folder)
     pieces, first = [], 0
     for i, n in enumerate(rec["part_rows"]):
         lo, hi = max(start, first), min(stop, first + n)

@@ -134,7 +134,7 @@ class Context:
         """BM25 per (question, passage) pair from the corpus's statistics (`retrieval.bm25_stats`), counted once
         and kept in RUN_DIR/bm25_stats for the service (Ray Data, `batch.bm25_stats`); recounted when the corpus file or
         `bm25.stem` changed."""
-        from rocketqa_ray.pipeline.integrity import describe_file
+        from rocketqa_ray.io import describe_file
         from rocketqa_ray.retrieval.bm25_stats import STATS_DIR, CorpusStats, PairScorer
 
         if self._pairs is None:

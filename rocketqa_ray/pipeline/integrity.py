@@ -10,32 +10,11 @@ stage, never a stage skipped on trust (and nothing is deleted: the user decides)
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from rocketqa_ray.data.beir import find_corpus
 from rocketqa_ray.errors import DataError
-
-SMALL = 64 << 20  # files up to this size are hashed whole; larger ones (corpora, indexes) by their ends
-SAMPLE = 4 << 20
-
-
-def file_digest(path: Path, size: int) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        if size <= SMALL:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        else:
-            h.update(f.read(SAMPLE))
-            f.seek(size - SAMPLE)
-            h.update(f.read(SAMPLE))
-    return h.hexdigest()[:16]
-
-
-def describe_file(path: Path) -> dict:
-    size = path.stat().st_size
-    return {"size": size, "sha1": file_digest(path, size)}
+from rocketqa_ray.io import describe_file
 
 
 def output_record(stage_dir: Path, skip: set[str]) -> dict[str, dict]:
