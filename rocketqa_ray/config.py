@@ -287,7 +287,8 @@ def _default_stages() -> list[str]:
 class PipelineConfig:
     """Which stages a pipeline run computes."""
 
-    stages: list[str] = setting(factory=_default_stages, help="stages to run, in order (default: all)")
+    stages: list[str] = setting(factory=_default_stages, help="stages to run, in order (default: the "
+                                "recipe's; an ablation may be named to run it alone)")
     ablations: bool = setting(False, help="also run in-batch md0, undenoised md1, un-augmented md2")
     strict: bool = setting(False, help="stop the run when a trained model is no better than what it should improve "
                            "on (held-out checks); off = say so and go on with the documented fallback")
@@ -318,16 +319,31 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def preset_chain(preset: str) -> list[tuple[Path, dict[str, Any]]]:
+    """A preset's YAML values after those of the preset it `extends` (recursively), base first: a data set's
+    preset states only what differs from the preset it builds on."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    name: str | None = preset
+    while name is not None:
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset '{name}'; available presets: {', '.join(preset_names())}")
+        if any(p == path for p, _ in chain):
+            raise ConfigError(f"{path}: 'extends' makes a cycle ({' -> '.join(p.stem for p, _ in chain)} -> {name})")
+        values = load_yaml(path)
+        name = values.pop("extends", None)
+        chain.append((path, values))
+    return chain[::-1]
+
+
 def load_config(
     preset: str | None = "cpu", file: str | Path | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Defaults <- preset YAML <- user YAML file <- `--set` overrides, in that order."""
     cfg = Config()
     if preset:
-        path = CONFIG_DIR / f"{preset}.yaml"
-        if not path.exists():
-            raise ConfigError(f"unknown preset '{preset}'; available presets: {', '.join(preset_names())}")
-        apply_dict(cfg, load_yaml(path), source=str(path))
+        for path, values in preset_chain(preset):
+            apply_dict(cfg, values, source=str(path))
     if file:
         apply_dict(cfg, load_yaml(file), source=str(file))
     apply_overrides(cfg, overrides or [])
@@ -343,7 +359,7 @@ def validate(cfg: Config) -> None:
     """Checks across keys and of ranges; each value's type and Literal choices were checked as it was set."""
     from rocketqa_ray.pipeline.registry import stage_names
 
-    valid = stage_names(ablations=False)
+    valid = stage_names()
     for s in cfg.pipeline.stages:
         if s not in valid:
             raise ConfigError(f"pipeline.stages: unknown stage {s!r}; valid stages: {', '.join(valid)}")

@@ -28,7 +28,7 @@ from rocketqa_ray.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["tiny", "cpu", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "cpu", "paper", "medquad"])
 def test_presets_load(name):
     cfg = load_config(name)
     assert isinstance(cfg, Config)
@@ -40,6 +40,21 @@ def test_presets_differ_where_they_should():
     assert tiny.model.base == "tiny" and tiny.dual.max_steps == 4
     assert cpu.model.base == "minilm"
     assert paper.dual.batch_size == 512 and paper.ray.use_gpu is True and paper.mining.top_k == 1000
+
+
+def test_a_preset_extends_another_and_overrides_only_what_it_names(tmp_path, monkeypatch):
+    cpu, med = load_config("cpu"), load_config("medquad")
+    assert med.data.diagnostic_qrels and not cpu.data.diagnostic_qrels
+    assert med.data.path != cpu.data.path
+    assert (med.dual, med.cross, med.mining) == (cpu.dual, cpu.cross, cpu.mining)
+    # a cycle is named instead of recursing forever
+    import rocketqa_ray.config as config
+
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config("a")
 
 
 def test_unknown_preset_lists_presets():

@@ -9,7 +9,10 @@ from rocketqa_ray.errors import ConfigError
 
 
 def add_config_args(ap: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
-    ap.add_argument("--preset", default=default_preset, help="preset name from configs/ (tiny, cpu, paper)")
+    from rocketqa_ray.config import preset_names
+
+    ap.add_argument("--preset", default=default_preset,
+                    help=f"preset name from configs/ ({', '.join(preset_names())})")
     ap.add_argument("--config", default=None, help="YAML file applied on top of the preset")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one setting, e.g. --set dual.lr=2e-5 (repeatable)")
