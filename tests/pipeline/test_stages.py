@@ -575,12 +575,17 @@ def test_md1_denoised_pool(run):
     # kept = exactly the candidates the cross-encoder scored below the threshold (fused with M_D0 and BM25 where
     # the tiny cross-encoder failed its check: tests/pipeline/test_checks.py pins that path)
     scores = read_pair_scores(d / "denoise_scores")
-    assert set(scores) == {(q, p) for q, ps in cands.items() for p in ps}
+    gold = {q: next(iter(ctx.train_qrels[q])) for q in cands}  # scored too: rules, distillation, the rules bench
+    assert set(scores) == {(q, p) for q, ps in cands.items() for p in ps} | set(gold.items())
     if not run.results["mc"].stats["check"]["passed"]:
         from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
 
         assert s["denoise_scores"] == "fused (cross-encoder check failed)"
         scores = fused_md0_scores(ctx, list(scores), scores)
+    used = _parquet_rows(d / "denoise_scores.parquet")  # what denoising decided on, positives flagged
+    assert {(r["qid"], r["pid"]) for r in used} == set(scores)
+    assert {(r["qid"], r["pid"]) for r in used if r["positive"]} == set(gold.items())
+    assert all(r["score"] == pytest.approx(scores[(r["qid"], r["pid"])], abs=1e-6) for r in used)
     for q, ps in cands.items():
         assert pool[q] == [p for p in ps if scores[(q, p)] < m.denoise_threshold]
     # trained on them, continuing from md0 (dual.init: previous)

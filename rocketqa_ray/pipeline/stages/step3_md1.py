@@ -31,6 +31,7 @@ from rocketqa_ray.types import PairScores, RankedIds
 # bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
 SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25")
 POOL = "hard_negative_pool.json"
+SCORES = "denoise_scores.parquet"  # the scores denoising used (fused under the fallback), the positives flagged
 
 
 def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult:
@@ -50,8 +51,10 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     dropped: RankedIds = {}
     if denoised and m.denoise != "none" and fallback != "skip":
         pairs = [(q, p) for q, ps in cands.items() for p in ps]
-        gold = gold_positive(ctx, list(cands)) if rule.needs_positive else {}
-        pairs += [(q, p) for q, p in gold.items()]  # the bar of a relative/margin rule
+        # the positive is scored too: the bar of a relative/margin rule, the teacher's score of the positive for
+        # distillation, and what lets bench/denoise_rules.py compare every rule on the same scores
+        gold = gold_positive(ctx, list(cands))
+        pairs += [(q, p) for q, p in gold.items()]
         # md0's candidates are scored from its candidates folder, joined to their texts by Ray Data; only BM25's
         # additions and the gold positives travel as ids from here
         mined = {(q, p) for q, ps in md0_top.items() for p in ps}
@@ -61,6 +64,7 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
             scores = fused_md0_scores(ctx, pairs, scores)
             stats["denoise_scores"] = "fused (cross-encoder check failed)"
         positives = {q: scores[(q, p)] for q, p in gold.items()}
+        write_scores(scores, gold, d / SCORES)
         if positives:
             stats["positive_score_mean"] = round(sum(positives.values()) / len(positives), 4)
         res = denoise(cands, scores, rule, m.denoise_top + m.bm25_negatives, positives)
@@ -88,6 +92,22 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     if denoised:
         stats.update(dual_encoder_check(ctx, d.name, "md0", heldout))
     return StageResult(metrics, stats)
+
+
+def write_scores(scores: PairScores, gold: dict[str, str], path: Path) -> Path:
+    """(qid, pid, score, positive) of every scored pair, atomically: what the denoising decided on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rocketqa_ray.io import atomic_path
+
+    keys = list(scores)
+    table = pa.table({"qid": [q for q, _ in keys], "pid": [p for _, p in keys],
+                      "score": pa.array([scores[k] for k in keys], pa.float32()),
+                      "positive": [gold.get(q) == p for q, p in keys]})
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+    return path
 
 
 def fused_md0_scores(ctx: Context, pairs: list[tuple[str, str]], ce: PairScores) -> PairScores:
