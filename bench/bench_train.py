@@ -154,7 +154,7 @@ def collectives(args: argparse.Namespace) -> dict:
         import torch
         import torch.distributed as dist
 
-        from rocketqa_ray.losses import gather_with_grad
+        from rocketqa_ray.distributed import gather_with_grad
 
         torch.set_num_threads(1)
         emb = torch.randn(config["rows"], config["dim"], requires_grad=True)

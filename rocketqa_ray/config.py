@@ -31,6 +31,7 @@ IndexRefine = Literal["none", "flat", "sq8"]
 CeFallback = Literal["fused", "skip"]
 CrossInit = Literal["base", "md0"]
 DenoiseKind = Literal["threshold", "relative", "margin", "none"]
+DistillKind = Literal["none", "kl", "margin_mse"]
 
 
 @dataclass
@@ -157,6 +158,16 @@ class CrossConfig(EarlyStopConfig):
     checkpoint_every: int = setting(0, ge=0, help="checkpoint every this many steps; 0 = only at the end of each epoch")
     log_every: int = setting(10, ge=1, help="log the loss every this many steps")
     seed: int = setting(0, help="seed of training: initialisation and example order")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of the cross-encoder's scores into M_D1 and M_D2 (beyond the paper; losses/distillation.py)."""
+
+    kind: DistillKind = setting("none", help="soft targets from the scores steps 3/4 already compute, over each "
+                                "question's positive and hard negatives: kl (listwise) or margin_mse; none = off")
+    weight: float = setting(1.0, ge=0, help="the distillation loss's weight, added to the contrastive loss")
+    temperature: float = setting(1.0, gt=0, help="teacher temperature: logit(probability) / temperature")
 
 
 @dataclass
@@ -303,6 +314,7 @@ class Config:
     dual: DualTrainConfig = setting(factory=DualTrainConfig, help=DualTrainConfig.__doc__)
     cross: CrossConfig = setting(factory=CrossConfig, help=CrossConfig.__doc__)
     mining: MiningConfig = setting(factory=MiningConfig, help=MiningConfig.__doc__)
+    distill: DistillConfig = setting(factory=DistillConfig, help=DistillConfig.__doc__)
     bm25: BM25Config = setting(factory=BM25Config, help=BM25Config.__doc__)
     index: IndexConfig = setting(factory=IndexConfig, help=IndexConfig.__doc__)
     encode: EncodeConfig = setting(factory=EncodeConfig, help=EncodeConfig.__doc__)

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from rocketqa_ray.config import Config, ModelConfig
-from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, listwise_loss, passage_key
+from rocketqa_ray.losses import (
+    PAD_KEY,
+    bce_loss,
+    contrastive_loss,
+    distillation_loss,
+    listwise_loss,
+    passage_key,
+    teacher_logits,
+)
 from rocketqa_ray.modeling.dual_encoder import DualEncoder
 from rocketqa_ray.train.gradcache import cached_backward, split_features
 from rocketqa_ray.train.tasks import DualTask
@@ -190,3 +198,71 @@ def test_split_features_trims_padding_per_chunk(tiny_dual):
 def test_cached_backward_rejects_bad_chunk(tiny_dual):
     with pytest.raises(ValueError, match="chunk"):
         cached_backward([(lambda f: f, {})], lambda x: x.sum(), 0)
+
+
+# ------------------------------------------------------------------------------------------ distillation
+def test_teacher_logits_invert_the_sigmoid_and_keep_nan():
+    p = torch.tensor([0.1, 0.5, 0.9, float("nan"), 0.0])
+    t = teacher_logits(p, temperature=2.0)
+    assert torch.allclose(torch.sigmoid(t[:3] * 2.0), p[:3], atol=1e-6)
+    assert math.isnan(t[3]) and math.isfinite(t[4])  # 0 is clamped, not -inf
+
+
+def test_kl_distillation_matches_the_formula_and_skips_unscored_passages():
+    s = torch.tensor([[2.0, 1.0, 0.5], [0.3, 0.2, 0.1], [1.0, 0.0, 0.0], [0.5, 0.4, 0.0]])
+    t = torch.tensor([[1.0, 0.0, -1.0], [0.5, float("nan"), 2.0], [float("nan"), 1.0, 1.0],
+                      [1.0, float("nan"), float("nan")]])
+    got = distillation_loss(s, t, "kl")
+
+    def kl(si, ti):
+        pt = torch.softmax(ti, 0)
+        return float((pt * (torch.log(pt) - torch.log_softmax(si, 0))).sum())
+
+    # row 1 loses its unscored slot; rows 2 (unscored positive) and 3 (no scored negative) add nothing
+    expect = (kl(s[0], t[0]) + kl(s[1, [0, 2]], t[1, [0, 2]])) / 2
+    assert float(got) == pytest.approx(expect, rel=1e-6)
+    assert float(distillation_loss(t[:1], t[:1], "kl")) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_margin_mse_matches_the_formula():
+    s = torch.tensor([[2.0, 1.0, 0.5], [0.3, 0.2, 0.1]])
+    t = torch.tensor([[1.0, 0.0, -1.0], [0.5, float("nan"), 2.0]])
+    sq = [((2 - 1) - (1 - 0)) ** 2, ((2 - 0.5) - (1 + 1)) ** 2, ((0.3 - 0.1) - (0.5 - 2)) ** 2]
+    assert float(distillation_loss(s, t, "margin_mse")) == pytest.approx(sum(sq) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["kl", "margin_mse"])
+def test_distillation_pulls_the_student_towards_the_teacher(kind):
+    t = torch.tensor([[2.0, 1.5, -1.0], [0.0, 1.0, -2.0]])
+    s = torch.zeros(2, 3, requires_grad=True)
+    before = float(distillation_loss(s.detach(), t, kind))
+    distillation_loss(s, t, kind).backward()
+    with torch.no_grad():
+        s -= 0.5 * s.grad
+    assert float(distillation_loss(s, t, kind)) < before
+    # the negative the teacher finds nearly as good as the positive moves up against the one it finds poor
+    assert float(s[0, 1] - s[0, 2]) > 0
+
+
+def test_distillation_without_scores_is_zero_and_keeps_the_graph():
+    s = torch.ones(2, 2, requires_grad=True)
+    out = distillation_loss(s, torch.full((2, 2), float("nan")), "kl")
+    assert float(out) == 0.0 and out.requires_grad
+    with pytest.raises(ValueError, match="expected student and teacher"):
+        distillation_loss(s, torch.zeros(2, 3), "kl")
+
+
+def test_dual_task_adds_weighted_distillation_of_each_rows_own_group(tiny_dual):
+    rows = [{"qid": f"q{i}", "query": f"question {i}", "positive": f"answer {i} text", "positive_id": f"p{i}",
+             "negatives": [f"other {i}"], "negative_ids": [f"n{i}"], "teacher_scores": [0.9, 0.2 + 0.3 * i]}
+            for i in range(3)]
+    losses = {}
+    for kind, weight in (("none", 1.0), ("kl", 0.0), ("kl", 1.0), ("kl", 2.0)):
+        cfg = Config()
+        cfg.distill.kind, cfg.distill.weight = kind, weight
+        torch.manual_seed(0)
+        tiny_dual.zero_grad()
+        losses[kind, weight] = float(DualTask(cfg, 1).loss_backward(tiny_dual.eval(), rows, torch.device("cpu"), False))
+    assert losses["kl", 0.0] == pytest.approx(losses["none", 1.0])
+    extra = losses["kl", 1.0] - losses["none", 1.0]
+    assert extra > 0 and losses["kl", 2.0] - losses["none", 1.0] == pytest.approx(2 * extra, rel=1e-4)

@@ -1,7 +1,9 @@
 """Training examples for the dual encoder and the cross-encoder, as Parquet files (Ray-free).
 
 Dual encoder rows: `qid`, `query`, `positive` (passage text as the encoders see it, `data.passage_text`),
-`positive_id`, `negatives` (hard negative texts, possibly empty) and `negative_ids`.
+`positive_id`, `negatives` (hard negative texts, possibly empty), `negative_ids` and, optionally,
+`teacher_scores`: the cross-encoder's probabilities for [positive, *negatives] (null where unscored; empty when
+the stage scored nothing), the soft targets of distillation (`distill.kind`).
 Cross-encoder rows: one per question group: `qid`, `query`, `passages` (texts) and `labels` (1.0 / 0.0,
 one per passage): a positive with the negatives sampled for it, so a listwise loss sees them together
 and shuffling keeps them together.
@@ -24,11 +26,13 @@ from rocketqa_ray.io import atomic_path
 DUAL_SCHEMA = pa.schema([
     ("qid", pa.string()), ("query", pa.string()), ("positive", pa.string()), ("positive_id", pa.string()),
     ("negatives", pa.list_(pa.string())), ("negative_ids", pa.list_(pa.string())),
+    ("teacher_scores", pa.list_(pa.float32())),
 ])
 CROSS_SCHEMA = pa.schema([
     ("qid", pa.string()), ("query", pa.string()), ("passages", pa.list_(pa.string())), ("labels", pa.list_(pa.float32())),
 ])
 SCHEMAS = {"dual": DUAL_SCHEMA, "cross": CROSS_SCHEMA}
+OPTIONAL = {"teacher_scores"}  # a user's own examples file may leave these out
 
 
 def build_dual_examples(
@@ -42,6 +46,7 @@ def build_dual_examples(
     split: str = "train",
     positives: dict[str, list[str]] | None = None,
     queries: dict[str, str] | None = None,
+    scores: Mapping[tuple[str, str], float] | None = None,
 ) -> list[dict]:
     """One row per (question, positive passage) pair, shuffled with `seed`.
 
@@ -50,7 +55,8 @@ def build_dual_examples(
     gets `num_negatives` of them sampled at random, never one of the question's positives; a question
     with too few is topped up with random corpus passages. Without it rows have no negatives (in-batch
     training, step 1). Questions without any positive are skipped. `corpus` is a dict or a `data.passages`
-    source: the ids are chosen first, then the texts of just those passages are read.
+    source: the ids are chosen first, then the texts of just those passages are read. With `scores`
+    ({(qid, pid): probability}) each row carries them as `teacher_scores` (None where a passage is unscored).
     """
     rng = random.Random(seed)
     source = as_passages(corpus)
@@ -83,7 +89,9 @@ def build_dual_examples(
     texts = source.texts({p for r in rows for p in [r["positive_id"], *r["negative_ids"]]})
     rows = [{"qid": r["qid"], "query": r["query"], "positive": texts[r["positive_id"]],
              "positive_id": r["positive_id"], "negatives": [texts[n] for n in r["negative_ids"]],
-             "negative_ids": r["negative_ids"]} for r in rows]
+             "negative_ids": r["negative_ids"],
+             "teacher_scores": [scores.get((r["qid"], p)) for p in [r["positive_id"], *r["negative_ids"]]]
+             if scores is not None else []} for r in rows]
     rng.shuffle(rows)
     return rows
 
@@ -120,10 +128,10 @@ def write_examples(rows: list[dict], path: str | Path, kind: str | None = None) 
             raise DataError(f"cross-encoder group for question {bad.get('qid')!r} needs one label per passage and at "
                             "least one positive (label 1.0)")
     schema = SCHEMAS[kind]
-    missing = set(schema.names) - set(rows[0])
+    missing = set(schema.names) - OPTIONAL - set(rows[0])
     if missing:
         raise DataError(f"{kind} training examples lack column(s) {sorted(missing)}; need {schema.names}")
-    table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     with atomic_path(path, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
     return Path(path)
@@ -152,7 +160,7 @@ def check_examples(path: str | Path, kind: str) -> dict:
             pf = pq.ParquetFile(f)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{f}: not a readable Parquet file ({e})") from None
-        missing = set(schema.names) - set(pf.schema_arrow.names)
+        missing = set(schema.names) - OPTIONAL - set(pf.schema_arrow.names)
         if missing:
             raise DataError(f"{f}: {kind} training examples lack column(s) {sorted(missing)}; need {schema.names}")
         rows += pf.metadata.num_rows

@@ -180,13 +180,18 @@ def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], ini
     return Path(train_dual(cfg, str(ex), str(d), init_model=str(init) if init else None, name=d.name, val_rows=val))
 
 
-def training_summary(out_dir: Path) -> dict:
-    """What a stage's training did, for its stats: steps, and with early stopping the step kept and the held-out
-    figure there."""
+def training_summary(out_dir: Path, rows: list[dict] | None = None, cfg: Config | None = None) -> dict:
+    """What a stage's training did, for its stats: steps, with early stopping the step kept and the held-out
+    figure there, and with distillation on how many of the `rows` had the teacher's scores."""
     from rocketqa_ray.train.launch import read_history, read_validation
 
     hist, val = read_history(out_dir), read_validation(out_dir)
     out: dict = {"trained_steps": hist[-1]["step"]} if hist else {}
+    if cfg is not None and rows is not None and cfg.distill.kind != "none":
+        taught = sum(1 for r in rows if (r.get("teacher_scores") or [None])[0] is not None
+                     and any(v is not None for v in r["teacher_scores"][1:]))
+        out["distill"] = {"kind": cfg.distill.kind, "weight": cfg.distill.weight, "rows_with_teacher": taught,
+                          "rows": len(rows)}
     if val:
         out["early_stopping"] = {k: val[k] for k in ("best_step", "best_val_mrr@10", "evaluations", "stopped_early")
                                  if k in val}
@@ -223,9 +228,10 @@ def dev_groups(ctx: Context, limit: int) -> list[dict]:
 
 
 def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,
-                  positives: dict[str, str] | None = None) -> list[dict]:
+                  positives: dict[str, str] | None = None, scores: PairScores | None = None) -> list[dict]:
     """Dual-encoder rows for `qids`: gold (or given pseudo) positives, `dual.num_hard_negatives` drawn from
-    each question's `negatives` pool (none for step 1)."""
+    each question's `negatives` pool (none for step 1), with the cross-encoder's `scores` of them as the
+    teacher's (distillation) when given."""
     from rocketqa_ray.data.examples import build_dual_examples
 
     cfg = ctx.cfg
@@ -233,7 +239,7 @@ def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,
         ctx.data, ctx.passages, qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
         cfg.mining.seed, split=cfg.data.train_split,
         positives={q: {p: 1} for q, p in positives.items()} if positives is not None else None,
-        queries={q: ctx.qtext(q) for q in qids} if positives is not None else None)
+        queries={q: ctx.qtext(q) for q in qids} if positives is not None else None, scores=scores)
 
 
 def gold_positive(ctx: Context, qids: list[str]) -> dict[str, str]:

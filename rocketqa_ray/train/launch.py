@@ -43,7 +43,7 @@ def _files_digest(files: list[Path]) -> str:
 
 
 def _run_spec(kind: str, cfg: Config, files: list[Path], init_model: str | None, val_rows: list[dict]) -> dict:
-    sections = ("model", "dual") if kind == "dual" else ("cross",)
+    sections = ("model", "dual", "distill") if kind == "dual" else ("cross",)
     conf = stable_sections(cfg, *sections)
     val = hashlib.sha1(json.dumps(val_rows, sort_keys=True).encode()).hexdigest()[:16] if val_rows else None
     return {"task": kind, "config": conf, "num_workers": cfg.ray.num_workers, "examples": _files_digest(files),

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from rocketqa_ray.config import Config, ModelConfig
-from rocketqa_ray.losses import PAD_KEY, bce_loss, contrastive_loss, listwise_loss, passage_key
+from rocketqa_ray.losses import (
+    PAD_KEY,
+    bce_loss,
+    contrastive_loss,
+    distillation_loss,
+    listwise_loss,
+    passage_key,
+    teacher_logits,
+)
 from rocketqa_ray.modeling.base import autocast, batched_inference
 from rocketqa_ray.modeling.cross_encoder import CrossEncoder
 from rocketqa_ray.modeling.dual_encoder import DualEncoder
@@ -99,35 +107,46 @@ class DualTask:
     def sequences_per_row(self) -> int:
         return 2 + self.n
 
-    def _negatives(self, row: dict, epoch: int) -> list[tuple[str, str]]:
-        negs = list(zip(row.get("negative_ids") or [], row.get("negatives") or []))
+    def _negatives(self, row: dict, epoch: int) -> list[tuple[str, str, float]]:
+        ids = row.get("negative_ids") or []
+        teacher = _teacher_scores(row, len(ids))
+        negs = list(zip(ids, row.get("negatives") or [], teacher[1:]))
         if len(negs) > self.n:
             # A fresh sample of the row's negatives each epoch (Tevatron/RocketQA sample from the pool).
             rng = random.Random(f"{self.tcfg.seed}:{epoch}:{row['qid']}:{row['positive_id']}")
             negs = rng.sample(negs, self.n)
         return negs
 
-    def batch(self, rows: list[dict], epoch: int) -> tuple[list[str], list[str], torch.Tensor]:
-        """Rows -> query texts [B], passage texts [B*(1+n)] in per-query groups, passage keys [B*(1+n)]."""
-        queries, passages, keys = [], [], []
+    def batch(self, rows: list[dict], epoch: int) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
+        """Rows -> query texts [B], passage texts [B*(1+n)] in per-query groups, passage keys [B*(1+n)], and the
+        teacher's probabilities [B, 1+n] of each group (NaN where unscored or padding)."""
+        queries, passages, keys, teacher = [], [], [], []
         for row in rows:
             queries.append(row["query"])
             passages.append(row["positive"])
             keys.append(passage_key(row["positive_id"]))
             negs = self._negatives(row, epoch)
-            for pid, text in negs:
+            group = [_teacher_scores(row, len(row.get("negative_ids") or []))[0]]
+            for pid, text, score in negs:
                 passages.append(text)
                 keys.append(passage_key(pid))
+                group.append(score)
             for _ in range(self.n - len(negs)):  # too few negatives: masked padding slots
                 passages.append("")
                 keys.append(PAD_KEY)
-        return queries, passages, torch.tensor(keys, dtype=torch.long)
+                group.append(math.nan)
+            teacher.append(group)
+        return queries, passages, torch.tensor(keys, dtype=torch.long), torch.tensor(teacher, dtype=torch.float32)
 
     def loss_backward(self, model: DualEncoder, rows: list[dict], device: torch.device, bf16: bool,
                       epoch: int = 0) -> torch.Tensor:
         """Forward and backward for this worker's rows; returns the detached loss (scalar)."""
-        queries, passages, keys = self.batch(rows, epoch)
+        queries, passages, keys, teacher = self.batch(rows, epoch)
         qf = {k: v.to(device) for k, v in model.tokenize(queries, "query").items()}
+        distill = self.cfg.distill
+        # decided by the config alone: every worker must take part in the distillation loss's all-reduce
+        distilling = distill.kind != "none" and distill.weight > 0
+        t_logits = teacher_logits(teacher, distill.temperature).to(device) if distilling else None
 
         def enc_q(f: dict) -> torch.Tensor:
             with autocast(bf16, device):
@@ -138,8 +157,13 @@ class DualTask:
                 return model.encode_passages(f)
 
         def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            return contrastive_loss(q, p, model.cfg.temperature, p_keys=keys.to(device),
+            loss = contrastive_loss(q, p, model.cfg.temperature, p_keys=keys.to(device),
                                     cross_batch=self.tcfg.cross_batch)
+            if t_logits is None:
+                return loss
+            # each query against its own group only (this worker's passages, before any cross-batch gather)
+            own = (q.float().unsqueeze(1) * p.float().view(q.shape[0], -1, p.shape[1])).sum(-1) / model.cfg.temperature
+            return loss + distill.weight * distillation_loss(own, t_logits, distill.kind, over_workers=True)
 
         if self.tcfg.grad_cache:
             pf = {k: v.to(device) for k, v in model.tokenize(passages, "passage").items()}
@@ -172,6 +196,14 @@ class DualTask:
 
     def export(self, model: DualEncoder, path: Path, meta: dict) -> None:
         model.save(path, extra_meta={"training": meta})
+
+
+def _teacher_scores(row: dict, n_negatives: int) -> list[float]:
+    """The row's teacher probabilities for [positive, *negatives]; NaN for each when the row has none."""
+    scores = row.get("teacher_scores")
+    if scores is None or len(scores) != 1 + n_negatives:
+        return [math.nan] * (1 + n_negatives)
+    return [math.nan if v is None else float(v) for v in scores]
 
 
 def _merge_model_cfg(saved: ModelConfig, cfg: Config) -> ModelConfig:

@@ -595,6 +595,10 @@ def test_md1_denoised_pool(run):
         assert len(r["negative_ids"]) == run.cfg.dual.num_hard_negatives
         if pool[r["qid"]]:
             assert set(r["negative_ids"]) <= set(pool[r["qid"]])
+        # distillation's soft targets: the scores denoising used (None for a random top-up)
+        expect = [scores.get((r["qid"], p)) for p in [r["positive_id"], *r["negative_ids"]]]
+        assert r["teacher_scores"] == pytest.approx(expect, abs=1e-6) if None not in expect else \
+            [v is None for v in r["teacher_scores"]] == [v is None for v in expect]
     assert _spec(d)["init_model"] == model_fingerprint(run.dir("md0") / "model")
     assert s["heldout_questions"] == len(ctx.splits.dev)
 
@@ -640,7 +644,8 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
 
     run("mc")
-    cfg = _cfg(small_data, "mining.denoise=relative", "mining.denoise_relative=0.5")
+    # with distillation on as well: the same scores become md1's soft targets
+    cfg = _cfg(small_data, "mining.denoise=relative", "mining.denoise_relative=0.5", "distill.kind=kl")
     other = StageRunner(cfg, tmp_path / "run")
     for name in ("md0", "mc"):  # reuse md1's upstream stages: only step 3 differs
         shutil.copytree(run.dir(name), other.dir(name))
@@ -662,6 +667,12 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     assert res.stats["rule"] == "relative" and res.stats["rule_value"] == 0.5
     assert res.stats["positive_score_mean"] == pytest.approx(
         sum(scores[(q, g)] for q, g in gold.items()) / len(gold), abs=1e-4)
+    assert _spec(other.dir("md1"))["config"]["distill"]["kind"] == "kl"
+    rows = _parquet_rows(other.dir("md1") / "train_examples.parquet")
+    assert all(r["teacher_scores"][0] == pytest.approx(scores[(r["qid"], gold[r["qid"]])], abs=1e-6) for r in rows)
+    assert res.stats["trained_steps"] > 0
+    assert res.stats["distill"] == {"kind": "kl", "weight": 1.0, "rows": len(rows), "rows_with_teacher": sum(
+        1 for r in rows if r["teacher_scores"][0] is not None and any(v is not None for v in r["teacher_scores"][1:]))}
 
 
 def test_md1_undenoised_pool_is_all_candidates(run):

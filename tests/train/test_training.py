@@ -30,15 +30,18 @@ def _rows(n: int) -> list[dict]:
         w = words[i % len(words)]
         rows.append({"qid": f"q{i}", "query": f"which {w} is {i}",
                      "positive": f"the {w} {i} mattered " * (1 + i % 3), "positive_id": f"p{i}",
-                     "negatives": [f"some other {words[(i + 4) % len(words)]} story {i}"], "negative_ids": [f"n{i}"]})
+                     "negatives": [f"some other {words[(i + 4) % len(words)]} story {i}"], "negative_ids": [f"n{i}"],
+                     # the cross-encoder's probabilities of [positive, negative]; row 3's negative is unscored
+                     "teacher_scores": [0.55 + 0.05 * (i % 5), None if i == 3 else 0.1 + 0.2 * (i % 3)]})
     # Row 0 (worker 0) and row B (worker 1) share their gold passage: only the gathered keys can tell.
     rows[B]["positive"], rows[B]["positive_id"] = rows[0]["positive"], rows[0]["positive_id"]
     return rows
 
 
-def _variant_cfg(cross_batch: bool, grad_cache: bool) -> Config:
+def _variant_cfg(cross_batch: bool, grad_cache: bool, distill: str = "none") -> Config:
     cfg = Config()
     cfg.dual.cross_batch, cfg.dual.grad_cache, cfg.dual.grad_cache_chunk = cross_batch, grad_cache, 3
+    cfg.distill.kind = distill
     return cfg
 
 
@@ -52,7 +55,8 @@ def _loss_and_grads(model: DualEncoder, rows: list[dict], cfg: Config) -> tuple[
     return mean_over_workers(float(loss)), grads
 
 
-VARIANTS = {"cross": (True, False), "in_batch": (False, False), "cross_cached": (True, True)}
+VARIANTS = {"cross": (True, False, "none"), "in_batch": (False, False, "none"), "cross_cached": (True, True, "none"),
+            "cross_kl": (True, False, "kl"), "cross_cached_margin": (True, True, "margin_mse")}
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -63,7 +67,8 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def test_two_workers_equal_one_big_batch_with_cross_batch(ray_session, tiny_model_dir, tmp_path):
     """2 Ray Train workers x batch 4 == 1 process x batch 8 (loss and gradients) with cross-batch
-    negatives, with and without gradient caching; in-batch only (cross-batch off) differs."""
+    negatives, with and without gradient caching, with and without distillation; in-batch only (cross-batch
+    off) differs."""
     import sys
 
     import ray.cloudpickle
@@ -83,8 +88,8 @@ def test_two_workers_equal_one_big_batch_with_cross_batch(ray_session, tiny_mode
         model = DualEncoder.from_base(ModelConfig(base=config["base"], query_max_len=16, passage_max_len=48)).eval()
         mine = config["rows"][rank * B:(rank + 1) * B]
         out = {}
-        for name, (cross, cached) in VARIANTS.items():
-            out[name] = _loss_and_grads(model, mine, _variant_cfg(cross, cached))
+        for name, (cross, cached, distill) in VARIANTS.items():
+            out[name] = _loss_and_grads(model, mine, _variant_cfg(cross, cached, distill))
         torch.save(out, os.path.join(config["out"], f"rank{rank}.pt"))
         ray.train.report({"done": 1})
 
@@ -104,6 +109,12 @@ def test_two_workers_equal_one_big_batch_with_cross_batch(ray_session, tiny_mode
         assert r0[name][0] == pytest.approx(single[0], rel=1e-5), name
         _close(r0[name][1], single[1])
         _close(r1[name][1], single[1])  # every worker holds the same averaged gradient
+    for name, kind in (("cross_kl", "kl"), ("cross_cached_margin", "margin_mse")):
+        ref = _loss_and_grads(model, rows, _variant_cfg(True, False, kind))
+        assert ref[0] > single[0] + 1e-3, name  # the distillation term adds to the contrastive loss
+        assert r0[name][0] == pytest.approx(ref[0], rel=1e-5), name
+        _close(r0[name][1], ref[1])
+        _close(r1[name][1], ref[1])
     # In-batch only: each query sees 2*B passages instead of 4*B, so the loss is lower and grads differ.
     assert r0["in_batch"][0] < single[0] - 0.05
     diff = max(float((r0["in_batch"][1][n] - single[1][n]).abs().max()) for n in single[1])
@@ -278,7 +289,36 @@ def test_build_dual_examples_samples_hard_negatives(mini_data_dir):
         if r["qid"] != qids[1]:
             assert set(r["negative_ids"]) <= set(sorted(corpus)[:5])
     in_batch = build_dual_examples(data, corpus, qids, None, num_negatives=3, seed=1)
-    assert all(r["negatives"] == [] for r in in_batch)
+    assert all(r["negatives"] == [] and r["teacher_scores"] == [] for r in in_batch)
+
+
+def test_dual_examples_carry_the_teachers_scores_through_parquet(mini_data_dir, tmp_path):
+    """Distillation's soft targets: each row's teacher_scores line up with [positive, *negatives], None where
+    the passage was not scored (a random top-up); they survive the Parquet file the workers read."""
+    import pyarrow.parquet as pq
+
+    from rocketqa_ray.data.examples import check_examples
+
+    data = load_beir(mini_data_dir)
+    corpus = load_corpus(data.corpus_path)
+    qids = sorted(data.split("train"))[:10]
+    hard = {q: sorted(corpus)[i: i + 3] for i, q in enumerate(qids)}
+    scores = {(q, p): round(0.1 * (i % 9) + 0.05, 2) for i, (q, ps) in enumerate(hard.items()) for p in ps}
+    scores.update({(q, next(iter(data.split("train")[q]))): 0.9 for q in qids})
+    rows = build_dual_examples(data, corpus, qids, hard, num_negatives=4, seed=0, scores=scores)
+    for r in rows:
+        assert r["teacher_scores"] == [scores.get((r["qid"], p)) for p in [r["positive_id"], *r["negative_ids"]]]
+        assert r["teacher_scores"][0] == 0.9
+        for pid, v in zip(r["negative_ids"], r["teacher_scores"][1:]):
+            assert (v is None) == (pid not in hard[r["qid"]])  # the random top-ups are unscored
+    assert any(None in r["teacher_scores"] for r in rows)
+    write_examples(rows, tmp_path / "ex.parquet")
+    back = pq.read_table(tmp_path / "ex.parquet").to_pylist()
+    assert [[None if v is None else round(v, 2) for v in r["teacher_scores"]] for r in back] == [
+        r["teacher_scores"] for r in rows]
+    # a user's own examples file without the column is still valid
+    pq.write_table(pq.read_table(tmp_path / "ex.parquet").drop(["teacher_scores"]), tmp_path / "own.parquet")
+    assert check_examples(tmp_path / "own.parquet", "dual")["rows"] == len(rows)
 
 
 def test_dual_task_starts_from_a_saved_model_with_this_runs_lengths(tiny_model_dir, tmp_path):

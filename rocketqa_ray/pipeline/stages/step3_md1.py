@@ -29,7 +29,7 @@ from rocketqa_ray.rocketqa.diagnostics import denoise_report
 from rocketqa_ray.types import PairScores, RankedIds
 
 # bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
-SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25")
+SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25", "distill")
 POOL = "hard_negative_pool.json"
 SCORES = "denoise_scores.parquet"  # the scores denoising used (fused under the fallback), the positives flagged
 
@@ -49,6 +49,7 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     fallback = ce_fallback(ctx.stage_dir("mc")) if denoised else None
     rule = DenoiseRule(m.denoise, m.denoise_threshold, m.denoise_relative, m.denoise_margin)
     dropped: RankedIds = {}
+    scores: PairScores | None = None
     if denoised and m.denoise != "none" and fallback != "skip":
         pairs = [(q, p) for q, ps in cands.items() for p in ps]
         # the positive is scored too: the bar of a relative/margin rule, the teacher's score of the positive for
@@ -81,12 +82,12 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     if ctx.known_positives is not None:  # diagnostic only: how many known false negatives denoising removed
         stats["false_negatives"] = denoise_report(cands, dropped, ctx.known_positives, sources)
     write_json(d / POOL, pool)
-    rows = dual_examples(ctx, train, pool)
+    rows = dual_examples(ctx, train, pool, scores=scores)  # the scores: distillation's soft targets
     init = ctx.stage_dir("md0") / "model" if cfg.dual.init == "previous" else None
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
     metrics, index_dir = dense_eval(ctx, model_dir, d, d.name)
     stats["train_questions"] = len(rows)
-    stats.update(training_summary(d))
+    stats.update(training_summary(d, rows, cfg))
     heldout = heldout_eval(ctx, model_dir, index_dir, d)
     stats.update(heldout)
     if denoised:

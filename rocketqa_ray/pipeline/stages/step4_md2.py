@@ -29,7 +29,7 @@ def read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-@stage("md2", deps=("md1", "mc"), sections=("data", "model", "dual", "mining", "index", "eval"),
+@stage("md2", deps=("md1", "mc"), sections=("data", "model", "dual", "mining", "index", "eval", "distill"),
        label="M_D2: + pseudo-labels", retriever=True, paper_mrr10=37.0)
 def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     from rocketqa_ray.retrieval.fusion import fuse_scores
@@ -59,13 +59,13 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
         stats.update({f"pseudo_{k}": v for k, v in pl.stats.items()})
         if ctx.known_positives is not None:  # diagnostic only
             stats["pseudo_known_positives"] = pseudo_report(pl.positives, hidden, ctx.known_positives)
-        rows = rows + dual_examples(ctx, sorted(pl.positives), pl.negatives, positives=pl.positives)
+        rows = rows + dual_examples(ctx, sorted(pl.positives), pl.negatives, positives=pl.positives, scores=scores)
     stats["train_questions"] = len(rows)
     init = md1_model if cfg.dual.init == "previous" else None
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
     metrics, index_dir = dense_eval(ctx, model_dir, d, "md2")
     heldout = heldout_eval(ctx, model_dir, index_dir, d, trained_on_pseudo=True)
     stats.update(heldout)
-    stats.update(training_summary(d))
+    stats.update(training_summary(d, rows, cfg))
     stats.update(dual_encoder_check(ctx, "md2", "md1", heldout))
     return StageResult(metrics, stats)

@@ -1,13 +1,11 @@
-"""Training losses (Ray-free; `torch.distributed` only when cross-batch negatives are on).
+"""Dual encoder: InfoNCE over in-batch and cross-batch negatives (RocketQA step 1; Ray-free, `torch.distributed`
+only when cross-batch negatives are on).
 
-Dual encoder: softmax cross-entropy of each query against every passage it can see - its positive,
-its own hard negatives, the other queries' positives and hard negatives (in-batch) and, with
-`cross_batch`, every other worker's passages too (RocketQA's cross-batch negatives).
-Cross-encoder: listwise softmax cross-entropy over a question's group (its positive against the
-negatives mined for it), pointwise binary cross-entropy, or both. Listwise learns to rank far faster
-from a bi-encoder checkpoint with a fresh head (pointwise BCE on 1:3 groups first learns only the label
-prior); its scores are calibrated into probabilities afterwards (`calibration.py`), since the paper reads
-them as probabilities thresholded at 0.1 / 0.9 for denoising and pseudo-labels.
+Each query is scored against every passage it can see - its positive, its own hard negatives, the other
+queries' positives and hard negatives (in-batch) and, with `cross_batch`, every other worker's passages too
+(RocketQA's cross-batch negatives):
+
+    L = -1/B sum_i log( exp(q_i . p_i+ / tau) / sum_j exp(q_i . p_j / tau) )
 """
 
 from __future__ import annotations
@@ -74,36 +72,3 @@ def contrastive_loss(
         mask |= (p_keys == PAD_KEY)[None, :]
         scores = scores.masked_fill(mask, float("-inf"))
     return F.cross_entropy(scores, targets)
-
-
-def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pointwise binary cross-entropy for the cross-encoder.
-
-    logits [B] raw scores, labels [B] in {0, 1} (floats; soft labels work too) -> scalar mean over B.
-    Averaging parameter gradients over workers gives the gradient of the mean over all workers' pairs.
-    """
-    if logits.shape != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in shape")
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.device).float())
-
-
-def listwise_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax cross-entropy of each group's positive against the group's other passages.
-
-    logits [G, n] scores of G question groups of n passages, labels [G, n] with the positive(s) at 1.0,
-    mask [G, n] bool, False for padding slots (groups with fewer passages) -> scalar mean over G.
-    A group with several positives spreads its target uniformly over them.
-    """
-    if logits.shape != labels.shape or logits.dim() != 2:
-        raise ValueError(f"expected logits and labels [G, n], got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    logits = logits.float()
-    labels = labels.to(logits.device).float()
-    if mask is not None:
-        mask = mask.to(logits.device)
-        logits = logits.masked_fill(~mask, float("-inf"))
-        labels = labels * mask
-    pos = labels.sum(1, keepdim=True)
-    if bool((pos <= 0).any()):
-        raise ValueError("every group needs a positive (a label > 0)")
-    logp = torch.log_softmax(logits, dim=1).masked_fill(labels == 0, 0.0)
-    return -(logp * labels / pos).sum(1).mean()
