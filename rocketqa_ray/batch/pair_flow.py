@@ -111,6 +111,9 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
     joined = (pairs.join(passages, "inner", n_part, on=("pid",), right_on=("id",))
               .join(queries, "inner", n_part, on=("qid",)))
     actors = max(1, min(cfg.num_actors, math.ceil(n_pairs / cfg.batch_size)))
+    # a join's output is one block per partition (one for all but huge inputs): split into a few blocks per actor so
+    # every actor of the pool scores (one-thread actors: one block left a 2-core machine half idle), streaming
+    joined = joined.repartition(target_num_rows_per_block=max(cfg.batch_size, math.ceil(n_pairs / (4 * actors))))
     kwargs = {"model_dir": str(model_dir), "batch_size": cfg.batch_size, "bf16": cfg.bf16,
               "cpus": cfg.cpus_per_actor, "gpus": cfg.gpus_per_actor}
     scored = joined.rename_columns({"rank": "row"}).map_batches(

@@ -65,6 +65,8 @@ def test_flow_scores_every_pair_once_as_in_process(setup):
     ref = model.score([queries[q] for q, _ in want], [corpus[p] for _, p in want], 32, "false", "cpu")
     got = read_pair_scores(out)
     assert np.allclose([got[pair] for pair in want], ref, atol=1e-5)
+    # the join's single block was split: every actor of the pool scored (a file per block written)
+    assert len(list(out.glob("*.parquet"))) >= CFG.num_actors
     again = score_pair_files(ce, root / "store", root / "questions.parquet", root / "scores", CFG,
                              candidates=root / "cands", top=top, extra=root / "gold.parquet")
     assert again == out and read_pair_scores(again) == got  # the same job is not run twice
