@@ -2,8 +2,8 @@
 (a candidates folder's top `top` per question, and/or a Parquet file of extra pairs such as each question's gold
 positive) are joined to the passage texts of the corpus store and to the question texts, scored by a pool of
 `ScorerActor`s and written as Parquet (qid, pid, rank, score). No process holds the pairs' texts: the driver passes
-paths and reads nothing but counts (`batch.score.score_pairs` is the in-driver path for lists of pairs it already
-holds; both score with the same actor)."""
+paths and reads nothing but counts. Every stage scores through it (`pipeline.shared.ce_scores`); `batch.score`'s
+`score_pairs`, for rows that already carry their texts, is what the scorer benchmark times (the same actor)."""
 
 from __future__ import annotations
 

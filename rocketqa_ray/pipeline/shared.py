@@ -128,30 +128,33 @@ def dual_encoder_check(ctx: Context, stage: str, previous: str, heldout: dict) -
 
 
 def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Path | None = None) -> PairScores:
-    """Cross-encoder probabilities for (qid, pid) pairs, through the Ray Data scoring job (resumable)."""
-    from rocketqa_ray.batch.score import load_scores, score_pairs
-
-    start_ray(ctx)
-    texts = ctx.ptexts(p for _, p in pairs)
-    rows = [{"qid": q, "pid": p, "query": ctx.qtext(q), "passage": texts[p]} for q, p in pairs]
-    out = score_pairs(rows, str(model_dir or ctx.stage_dir("mc") / "model"), str(d), ctx.cfg.encode)
-    return load_scores(out)
+    """Cross-encoder probabilities for (qid, pid) pairs, by the Ray Data pair flow (`batch.pair_flow`): the driver
+    writes the pairs' ids and their questions' texts, the flow joins the passages' texts from the corpus store; a
+    rerun of the same pairs reads the scores back."""
+    return _flow_scores(ctx, d, pairs, model_dir=model_dir)
 
 
 def candidate_ce_scores(ctx: Context, stage: str, top: int, extra: list[tuple[str, str]], qids: list[str],
                         d: Path) -> PairScores:
     """Cross-encoder probabilities of `stage`'s top `top` hard-negative candidates per question (its TRAIN_TOP
-    folder) plus the `extra` pairs, by the Ray Data flow that joins them to the corpus store's and the questions'
-    texts (`batch.pair_flow`): the driver writes the question texts and the extra ids, never a passage text."""
+    folder) plus the `extra` pairs, by the same flow: the candidates go from their folder to the scorer without
+    passing through the driver."""
+    return _flow_scores(ctx, d, extra, candidates=ctx.stage_dir(stage) / TRAIN_TOP, top=top, qids=qids)
+
+
+def _flow_scores(ctx: Context, d: Path, extra: list[tuple[str, str]], candidates: Path | None = None, top: int = 0,
+                 qids: list[str] | None = None, model_dir: Path | None = None) -> PairScores:
     from rocketqa_ray.batch.pair_flow import read_pair_scores, score_pair_files, write_pairs, write_questions
 
+    if not extra and candidates is None:
+        return {}
     start_ray(ctx)
+    qids = list(dict.fromkeys(q for q, _ in extra)) if qids is None else qids
     inputs = d.with_name(d.name + "_inputs")
     questions = write_questions(qids, [ctx.qtext(q) for q in qids], inputs / "questions.parquet")
     extra_file = write_pairs(extra, inputs / "extra.parquet") if extra else None
-    out = score_pair_files(ctx.stage_dir("mc") / "model", ctx.corpus_store, questions, d, ctx.cfg.encode,
-                           candidates=ctx.stage_dir(stage) / TRAIN_TOP, top=top, extra=extra_file,
-                           ray_cfg=ctx.cfg.ray)
+    out = score_pair_files(model_dir or ctx.stage_dir("mc") / "model", ctx.corpus_store, questions, d,
+                           ctx.cfg.encode, candidates=candidates, top=top, extra=extra_file, ray_cfg=ctx.cfg.ray)
     return read_pair_scores(out)
 
 

@@ -85,7 +85,8 @@ def test_denoising_falls_back_to_the_fused_score(starved_run):
     ctx, train = p.ctx, p.ctx.splits.train
     top, lexical = train_top(ctx, "md0"), bm25_negatives(ctx, train, m.bm25_negatives)
     cands = {q: list(dict.fromkeys(top[q][: m.denoise_top] + lexical[q])) for q in train}
-    assert set(raw) == {(q, x) for q, ps in cands.items() for x in ps}
+    gold = {q: next(iter(ctx.train_qrels[q])) for q in train}  # each positive is scored too
+    assert set(raw) == {(q, x) for q, ps in cands.items() for x in ps} | set(gold.items())
     kept = denoise(cands, fused, m.denoise_threshold, m.denoise_top + m.bm25_negatives).kept
     assert read_json(p.run_dir / "md1" / "hard_negative_pool.json") == kept
     assert p.results["md2"].stats["pseudo_scores"] == "fused (cross-encoder check failed)"

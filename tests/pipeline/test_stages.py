@@ -163,7 +163,7 @@ SECTION_CHANGE = {
     "data": "data.seed=7", "model": "model.temperature=0.07", "dual": "dual.lr=0.5", "cross": "cross.lr=0.5",
     "mining": "mining.denoise_threshold=0.3", "bm25": "bm25.k1=1.5", "index": "index.nprobe=7",
     "encode": "encode.batch_size=7", "ray": "ray.cpus_per_worker=0.25", "eval": "eval.depth=50",
-    "serve": "serve.port=9", "pipeline": "pipeline.ablations=true",
+    "serve": "serve.port=9", "pipeline": "pipeline.ablations=true", "distill": "distill.weight=0.5",
 }
 RUNTIME_CHANGES = ["dual.log_every=3", "dual.checkpoint_every=5", "dual.length_buckets=2", "cross.log_every=3",
                    "cross.length_buckets=1"]
@@ -351,10 +351,10 @@ def test_md0_inbatch(run):
 # ------------------------------------------------------------------------------------------ step 2
 def _calibration_data(run: StageRunner) -> tuple[np.ndarray, np.ndarray]:
     """mc's held-out calibration pairs: the raw (uncalibrated) cross-encoder's logits and the labels."""
-    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.retrieval.fusion import logits_from_probs
 
-    raw = load_scores(run.dir("mc") / "calib_scores")
+    raw = read_pair_scores(run.dir("mc") / "calib_scores")
     pairs = sorted(raw)
     labels = np.array([1.0 if p in run.ctx.train_qrels[q] else 0.0 for q, p in pairs])
     return logits_from_probs(np.array([raw[x] for x in pairs])), labels
@@ -366,7 +366,7 @@ def _bce(logits: np.ndarray, labels: np.ndarray, a: float, b: float) -> float:
 
 
 def test_mc_calibrates_fuses_and_reranks_md0(run):
-    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.modeling.cross_encoder import CrossEncoder
     from rocketqa_ray.retrieval.fusion import logits_from_probs
     from rocketqa_ray.rocketqa.calibration import head_layer
@@ -399,7 +399,7 @@ def test_mc_calibrates_fuses_and_reranks_md0(run):
     raw_b = float(raw_head.bias)
     assert float(head.bias) == pytest.approx(a * raw_b + b, abs=6e-5 + 5e-5 * abs(raw_b))
     # ... so the saved model scores sigmoid(a * logit(raw score) + b) (a, b rounded to 4 decimals in the stats)
-    raw = load_scores(d / "calib_scores")
+    raw = read_pair_scores(d / "calib_scores")
     pairs = sorted(raw)[:8]
     texts = ctx.ptexts(p for _, p in pairs)
     calibrated = CrossEncoder.load(d / "model").score([ctx.qtext(q) for q, _ in pairs],
@@ -463,7 +463,7 @@ def _assert_reranks(run: StageRunner, stage: str, reranker: str) -> None:
 def _assert_rerank_check(run: StageRunner, retriever: str, reranker: str) -> None:
     """The fusion is the one fit on `retriever`'s own top-k for the held-out dev questions (recomputed here from
     the stage's dev scores), the verdict follows the dev figures, and the stage answers with what it chose."""
-    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.evaluation import evaluate_run
     from rocketqa_ray.retrieval.fusion import Fusion, fit_fusion
     from rocketqa_ray.retrieval.rerank_check import mrr_at
@@ -476,7 +476,7 @@ def _assert_rerank_check(run: StageRunner, retriever: str, reranker: str) -> Non
     assert len(dev) > 0 and saved["dev"]["questions"] == len(dev)
     # the dev groups are the retriever's top rerank_top_k, scored by the cross-encoder
     ranked = _ranked_dev(run, retriever, dev)
-    scores = load_scores(d / "dev_scores")
+    scores = read_pair_scores(d / "dev_scores")
     pairs = [(q, p) for q in dev for p, _ in ranked[q]]
     assert set(scores) == set(pairs) and len(pairs) == saved["dev"]["pairs"] == len(dev) * cfg.eval.rerank_top_k
     labels = np.array([1.0 if p in ctx.train_qrels[q] else 0.0 for q, p in pairs])
@@ -690,7 +690,7 @@ def test_md1_undenoised_pool_is_all_candidates(run):
 
 # ------------------------------------------------------------------------------------------ step 4
 def test_md2_adds_pseudo_labelled_questions(run):
-    from rocketqa_ray.batch.score import load_scores
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
 
     res = run("md2")
     d, ctx = run.dir("md2"), run.ctx
@@ -708,7 +708,7 @@ def test_md2_adds_pseudo_labelled_questions(run):
     md1_rows = _parquet_rows(run.dir("md1") / "train_examples.parquet")
     assert sorted(r["qid"] for r in rows) == sorted([r["qid"] for r in md1_rows] + pseudo)
     # a pseudo positive is one of md1's top `pseudo_top_k` for the question, scored by the cross-encoder
-    scores = load_scores(d / "pseudo_scores")
+    scores = read_pair_scores(d / "pseudo_scores")
     for r in rows:
         if r["qid"] in pseudo:
             assert (r["qid"], r["positive_id"]) in scores
