@@ -46,6 +46,25 @@ def user_error(e: BaseException) -> RocketQAError | None:
     return None
 
 
+class ResourceError(RocketQAError):
+    """The machine ran out of something the job needs (memory): what happened, and which knobs need less."""
+
+
+def resource_error(e: BaseException, what: str) -> ResourceError | None:
+    """A one-line ResourceError for Ray's out-of-memory kill of `what`'s workers (its message names the node's
+    memory), or None for any other failure."""
+    import re
+
+    text = str(e)
+    if "low on memory" not in text and "OutOfMemoryError" not in text:
+        return None
+    m = re.search(r"was ([\d.]+GB used / [\d.]+GB limit)", text)
+    used = f" ({m.group(1)})" if m else ""
+    return ResourceError(f"{what}: Ray killed its workers because the node ran low on memory{used}. Rerun the same "
+                         "command to resume; with less memory per worker (dual.batch_size, dual.grad_cache=true, "
+                         "model.passage_max_len, ray.num_workers) or nothing else running on the node")
+
+
 class ServiceError(RocketQAError):
     """The RUN_DIR cannot be served (missing model/index, mismatched files, bad service arguments)."""
 

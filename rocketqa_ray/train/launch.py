@@ -21,7 +21,7 @@ from typing import Any
 from rocketqa_ray.config import Config, stable_sections
 from rocketqa_ray.console import follow_progress
 from rocketqa_ray.data.examples import check_examples, parquet_files
-from rocketqa_ray.errors import ConfigError, DataError, user_error
+from rocketqa_ray.errors import ConfigError, DataError, resource_error, user_error
 from rocketqa_ray.io import atomic_dir, read_json, write_json
 from rocketqa_ray.modeling.base import model_fingerprint
 from rocketqa_ray.train.loop import HISTORY_FILE, PROGRESS_FILE, VALIDATION_FILE, StepHook, worker_loop
@@ -141,7 +141,10 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
     except Exception as e:
         user = user_error(e)
         if user is None:
-            raise
+            oom = resource_error(e, f"{name} training")
+            if oom is None:
+                raise
+            raise oom from None
         raise type(user)(f"in a training worker: {user}") from None
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training finished without a final checkpoint")

@@ -406,3 +406,18 @@ def test_the_cross_encoders_head_learns_at_its_own_rate():
         assert g["lr"] == pytest.approx(2e-3 if is_head else 1e-4), name
         assert g["weight_decay"] == (0.0 if p.dim() < 2 or "LayerNorm" in name else 0.01), name
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_an_out_of_memory_kill_is_one_line_that_says_what_to_change():
+    """Ray Train's error when the node's memory monitor kills the workers (text as Ray 2.60 words it) becomes a
+    ResourceError naming the stage, the memory figures and the knobs; any other failure is left alone."""
+    from rocketqa_ray.errors import ResourceError, resource_error
+
+    ray_text = ("Training failed due to controller error:\n6 worker(s) were killed due to the node running low on "
+                "memory. Memory on the node (IP: 10.0.0.1, ID: abc) was 22.61GB used / 23.54GB limit (0.96)\n"
+                "OOM kill reason: Memory usage 24188149760B exceeded threshold")
+    err = resource_error(RuntimeError(ray_text), "md1 training")
+    assert isinstance(err, ResourceError) and "\n" not in str(err)
+    assert str(err).startswith("md1 training: ") and "22.61GB used / 23.54GB limit" in str(err)
+    assert "dual.batch_size" in str(err) and "resume" in str(err)
+    assert resource_error(RuntimeError("worker raised ValueError: shapes differ"), "md1 training") is None
