@@ -117,8 +117,9 @@ def main() -> None:
     for spec in a.variant:
         name, path = spec.split("=", 1)
         more, more_rr = stage_rows(name, Path(path), qrels)
-        rows += [r for r in more if r["stage"] in ("md1", "md2", "md2_rerank")]
-        rr.update(more_rr)
+        more = [r for r in more if r["stage"] in ("md1", "md2", "md2_rerank")]  # what a variant changes
+        rows += more
+        rr.update({r["name"]: more_rr[r["name"]] for r in more if r["name"] in more_rr})
     for label, values in rr.items():
         row = next(r for r in rows if r["name"] == label)
         row["se"] = round(float(np.std(list(values.values()), ddof=1) / np.sqrt(len(values))), 4)
