@@ -4,6 +4,8 @@ peer, side by side, with the standard error of each paired difference on the tes
     python bench/compare_runs.py --run runs/medquad [--variant distill_kl=runs/medquad-kl] \\
         [--peer-python /path/to/venv/bin/python | --peer-json hard=peer-hard.json --peer-json inbatch=...] \\
         [--name medquad_comparison]
+    python bench/compare_runs.py --from-json bench/results/medquad_comparison.json --peer-json hard=... \
+        --name medquad_comparison      # adds (or replaces) the peer's rows in a saved comparison
 
 - Stages: test MRR@10 / R@5 / nDCG@10 from each run's report.json, held-out dev MRR@10 where the stage has one.
 - Paired differences: per-question reciprocal ranks from the stages' `test.trec` against the test qrels (ranx);
@@ -98,7 +100,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a finished run directory")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a finished run directory")
+    src.add_argument("--from-json", help="a saved comparison (bench/results/<name>.json): keep its stages and "
+                     "paired differences, (re)place the peer rows; for when the runs are gone or a peer came later")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=RUN_DIR",
                     help="another run of the same data (e.g. with distillation); its stages join the table")
     ap.add_argument("--peer-python", default=None, help="a Python with sentence-transformers: run the peer here")
@@ -110,10 +115,14 @@ def main() -> None:
     from rocketqa_ray.data.beir import load_qrels
     from rocketqa_ray.io import read_json, write_json
 
-    run = Path(a.run)
-    data = read_json(run / "config.json")["data"]["path"]
+    saved = read_json(Path(a.from_json)) if a.from_json else None
+    run = Path(saved["run"] if saved else a.run)
+    data = saved["data"] if saved else read_json(run / "config.json")["data"]["path"]
     qrels = load_qrels(Path(data) / "qrels" / "test.tsv")
-    rows, rr = stage_rows("run", run, qrels)
+    if saved:
+        rows, rr = [r for r in saved["rows"] if r["source"] != "peer"], {}
+    else:
+        rows, rr = stage_rows("run", run, qrels)
     for spec in a.variant:
         name, path = spec.split("=", 1)
         more, more_rr = stage_rows(name, Path(path), qrels)
@@ -134,13 +143,15 @@ def main() -> None:
         rows.append({"name": f"peer st_recipe {name}", "stage": None, "source": "peer", "mrr@10": p.get("mrr@10"),
                      "recall@5": p.get("recall@5"), "ndcg@10": p.get("ndcg@10"), "dev_mrr@10": None,
                      "seconds": p.get("train_s"), "recipe": p.get("recipe")})
-    pairs = [p for p in (paired(rr, x, y) for x, y in PAIRS) if p]
+    pairs = saved["paired"] if saved else [p for p in (paired(rr, x, y) for x, y in PAIRS) if p]
     for spec in a.variant:
         name = spec.split("=", 1)[0]
         pairs += [p for p in (paired(rr, f"{s} [{name}]", s) for s in ("md1", "md2", "md2_rerank")) if p]
     best_peer = max((r["mrr@10"] for r in rows if r["source"] == "peer"), default=None)
+    final = next((r["mrr@10"] for r in rows if r["name"] == "md2_rerank"), None)
     out = {"run": str(run), "data": data, "test_questions": len(qrels), "rows": rows, "paired": pairs,
-           "best_peer_mrr@10": best_peer}
+           "best_peer_mrr@10": best_peer,
+           "md2_rerank_minus_best_peer": None if best_peer is None or final is None else round(final - best_peer, 4)}
     res = ROOT / "bench" / "results"
     write_json(res / f"{a.name}.json", out)
     plot(rows, res / f"{a.name}.png", f"{Path(data).name}: test MRR@10, {len(qrels)} questions")
