@@ -11,10 +11,13 @@ distributed path, one phase after another:
     bm25    the corpus's BM25 statistics (Ray Data: counted per batch, summed by a groupby over terms)
     score   every question's top `--score-top` candidates joined to passage and question texts (Ray Data joins),
             scored by a cross-encoder actor pool -> Parquet
+    examples  every question's dual-encoder training row (gold positive + 4 hard negatives sampled from its top-k,
+            as ids in the driver, as the pipeline's step 3 builds them) given its texts by the examples flow (Ray
+            Data joins and a groupby) -> Parquet in training order
 
 Each size runs in a fresh process with its own Ray cluster. Reported per phase: wall time, the driver's peak RSS
 during the phase (sampled every 50 ms), and the peak RSS of each worker kind (from the workers themselves).
-Not yet here: denoising and the training examples, which still read the scores back into the driver.
+Not yet here: denoising, whose decisions are made in the driver from the scores read back.
 
     python bench/bench_scale.py                           # N = 100k / Q = 5k and N = 1M / Q = 50k
     python bench/bench_scale.py --sizes 20000,200000      # quicker
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SQUAD = ROOT.parent / "shared" / "data" / "squad" / "corpus.jsonl"
-PHASES = ("ingest", "encode", "index", "mine", "bm25", "score")
+PHASES = ("ingest", "encode", "index", "mine", "bm25", "score", "examples")
 
 
 def sentences() -> list[str]:
@@ -169,7 +172,24 @@ def child(args: argparse.Namespace) -> None:
                                   candidates=work / "cands", top=args.score_top)
         return {"pairs": json.loads((folder / "_SUCCESS.json").read_text())["pairs"]}
 
-    for name, fn in zip(PHASES, (ingest, encode, index, mine, bm25, score)):
+    def examples():
+        # what pipeline step 3 does: the candidates read back as a pool per question, id rows sampled in the driver,
+        # texts attached by the flow
+        from rocketqa_ray.batch.examples_flow import examples_flow, write_id_rows
+        from rocketqa_ray.data.examples import dual_id_rows
+        from rocketqa_ray.retrieval.candidates import read_hits
+
+        class Gold:  # the BeirData fields dual_id_rows reads
+            queries = {q: {"text": t} for q, t, _ in questions}
+            split = staticmethod(lambda _: {q: {g: 1} for q, _, g in questions})
+
+        pool = {q: [p for p, _ in hits] for q, hits in read_hits(work / "cands").items()}
+        rows = dual_id_rows(Gold(), lambda: [], [q for q, _, _ in questions], pool, 4, seed=0)
+        del pool
+        folder = examples_flow(write_id_rows(rows, work / "example_ids.parquet"), work / "store", work / "examples")
+        return {"rows": json.loads((folder / "_SUCCESS.json").read_text())["rows"]}
+
+    for name, fn in zip(PHASES, (ingest, encode, index, mine, bm25, score, examples)):
         phase(name, fn)
     out["driver_peak_rss_mb"] = max(p["driver_peak_rss_mb"] for p in out["phases"].values())
     print(json.dumps(out))

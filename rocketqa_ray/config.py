@@ -53,6 +53,8 @@ class DataConfig:
     seed: int = setting(0, help="seed of the held-out splits")
     corpus_chunk_mb: float = setting(64.0, gt=0, help="bytes of corpus file each Ray task reads and validates into "
                                      "one Parquet part (RUN_DIR/corpus)")
+    driver_max_examples: int = setting(4096, ge=0, help="training example sets up to this many rows get their "
+                                       "passages' texts in the driver; larger ones from the Ray Data examples flow")
 
 
 @dataclass
@@ -388,7 +390,7 @@ def validate(cfg: Config) -> None:
 
 
 # Keys that change how fast, not what, a stage or a training run computes: a run may resume with other values.
-RUNTIME_KEYS = ("log_every", "checkpoint_every", "length_buckets", "strict", "budget_minutes")
+RUNTIME_KEYS = ("log_every", "checkpoint_every", "length_buckets", "strict", "budget_minutes", "driver_max_examples")
 
 
 def stable_sections(cfg: Config, *sections: str) -> dict[str, Any]:

@@ -12,10 +12,12 @@ and shuffling keeps them together.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rocketqa_ray.data.beir import BeirData
@@ -48,20 +50,40 @@ def build_dual_examples(
     queries: dict[str, str] | None = None,
     scores: Mapping[tuple[str, str], float] | None = None,
 ) -> list[dict]:
-    """One row per (question, positive passage) pair, shuffled with `seed`.
+    """One row per (question, positive passage) pair, shuffled with `seed`: `dual_id_rows` with the passages'
+    texts attached (`attach_texts`); `corpus` is a dict or a `data.passages` source, read for just those ids."""
+    source = as_passages(corpus)
+    rows = dual_id_rows(data, source.ids, qids, hard_negatives, num_negatives, seed, split=split,
+                        positives=positives, queries=queries, scores=scores)
+    return attach_texts(rows, source.texts)
+
+
+def dual_id_rows(
+    data: BeirData,
+    corpus_ids: Callable[[], Sequence[str]],
+    qids: list[str],
+    hard_negatives: dict[str, list[str]] | None,
+    num_negatives: int,
+    seed: int,
+    *,
+    split: str = "train",
+    positives: dict[str, list[str]] | None = None,
+    queries: dict[str, str] | None = None,
+    scores: Mapping[tuple[str, str], float] | None = None,
+) -> list[dict]:
+    """Dual-encoder rows as ids (`qid`, `query`, `positive_id`, `negative_ids`, `teacher_scores`), shuffled with
+    `seed`; the passages' texts are attached afterwards, in the driver or by the Ray Data flow.
 
     Positives come from the qrels of `split`, or from `positives` (e.g. pseudo-labels) when given;
     question texts from `data.queries`, or `queries`. With `hard_negatives` ({qid: ranked pids}) each row
     gets `num_negatives` of them sampled at random, never one of the question's positives; a question
-    with too few is topped up with random corpus passages. Without it rows have no negatives (in-batch
-    training, step 1). Questions without any positive are skipped. `corpus` is a dict or a `data.passages`
-    source: the ids are chosen first, then the texts of just those passages are read. With `scores`
+    with too few is topped up with random corpus passages (`corpus_ids()`, called only then). Without it rows
+    have no negatives (in-batch training, step 1). Questions without any positive are skipped. With `scores`
     ({(qid, pid): probability}) each row carries them as `teacher_scores` (None where a passage is unscored).
     """
     rng = random.Random(seed)
-    source = as_passages(corpus)
     qrels = positives if positives is not None else data.split(split)
-    all_pids = source.ids()  # a stored corpus reads its ids only if a top-up draws from them
+    all_pids: Sequence[str] | None = None
     rows = []
     for qid in qids:
         pos = sorted(qrels.get(qid, {}))  # qrels, pseudo-labels and mined pools name corpus passages only
@@ -80,18 +102,16 @@ def build_dual_examples(
                 pool = list(dict.fromkeys(p for p in hard_negatives.get(qid, []) if p not in pos_set))
                 neg_ids = rng.sample(pool, min(num_negatives, len(pool)))
                 taken = set(neg_ids)
+                if len(neg_ids) < num_negatives and all_pids is None:
+                    all_pids = corpus_ids()  # a stored corpus reads its ids only if a top-up draws from them
                 while len(neg_ids) < num_negatives and len(taken) + len(pos_set) < len(all_pids):
                     p = rng.choice(all_pids)
                     if p not in pos_set and p not in taken:
                         neg_ids.append(p)
                         taken.add(p)
-            rows.append({"qid": qid, "query": qtext, "positive_id": pid, "negative_ids": neg_ids})
-    texts = source.texts({p for r in rows for p in [r["positive_id"], *r["negative_ids"]]})
-    rows = [{"qid": r["qid"], "query": r["query"], "positive": texts[r["positive_id"]],
-             "positive_id": r["positive_id"], "negatives": [texts[n] for n in r["negative_ids"]],
-             "negative_ids": r["negative_ids"],
-             "teacher_scores": [scores.get((r["qid"], p)) for p in [r["positive_id"], *r["negative_ids"]]]
-             if scores is not None else []} for r in rows]
+            rows.append({"qid": qid, "query": qtext, "positive_id": pid, "negative_ids": neg_ids,
+                         "teacher_scores": [scores.get((qid, p)) for p in [pid, *neg_ids]]
+                         if scores is not None else []})
     rng.shuffle(rows)
     return rows
 
@@ -106,12 +126,97 @@ def build_cross_examples(
 
     Questions without a positive are skipped; the order is the order of `positives` (training shuffles groups).
     """
+    return attach_texts(cross_id_groups(queries, positives, negatives),
+                        lambda ids: {p: text_of(p) for p in ids})
+
+
+def cross_id_groups(queries: dict[str, str], positives: dict[str, str], negatives: dict[str, list[str]]) -> list[dict]:
+    """`build_cross_examples`' groups as ids (`qid`, `query`, `pids`, `labels`)."""
     rows = []
     for qid, pos in positives.items():
         negs = [p for p in negatives.get(qid, []) if p != pos]
-        rows.append({"qid": qid, "query": queries[qid], "passages": [text_of(p) for p in [pos, *negs]],
-                     "labels": [1.0] + [0.0] * len(negs)})
+        rows.append({"qid": qid, "query": queries[qid], "pids": [pos, *negs], "labels": [1.0] + [0.0] * len(negs)})
     return rows
+
+
+def example_kind(row: Mapping) -> str:
+    """"dual" or "cross", from an example row's (or id row's) columns."""
+    return "cross" if "labels" in row else "dual"
+
+
+def attach_texts(rows: list[dict], texts_of: Callable[[set[str]], Mapping[str, str]]) -> list[dict]:
+    """Id rows (`dual_id_rows`, `cross_id_groups`) -> example rows with their passages' texts, read at once."""
+    if not rows:
+        return []
+    if example_kind(rows[0]) == "cross":
+        texts = texts_of({p for r in rows for p in r["pids"]})
+        return [{"qid": r["qid"], "query": r["query"], "passages": [texts[p] for p in r["pids"]],
+                 "labels": r["labels"]} for r in rows]
+    texts = texts_of({p for r in rows for p in [r["positive_id"], *r["negative_ids"]]})
+    return [{"qid": r["qid"], "query": r["query"], "positive": texts[r["positive_id"]],
+             "positive_id": r["positive_id"], "negatives": [texts[n] for n in r["negative_ids"]],
+             "negative_ids": r["negative_ids"], "teacher_scores": r["teacher_scores"]} for r in rows]
+
+
+# ------------------------------------------------------------------ id rows -> example rows, batch by batch
+# (the pieces of the Ray Data flow `batch.examples_flow`; pyarrow only). `row` is an example's place in
+# training order: the flow joins and groups by it and writes the examples sorted by it.
+ROW = "row"
+ID_SCHEMAS = {
+    "dual": pa.schema([(ROW, pa.int64()), ("qid", pa.string()), ("query", pa.string()), ("positive_id", pa.string()),
+                       ("negative_ids", pa.list_(pa.string())), ("teacher_scores", pa.list_(pa.float32()))]),
+    "cross": pa.schema([(ROW, pa.int64()), ("qid", pa.string()), ("query", pa.string()), ("pids", pa.list_(pa.string())),
+                        ("labels", pa.list_(pa.float32()))]),
+}
+
+
+def id_table(rows: list[dict], kind: str, first_row: int = 0) -> pa.Table:
+    """Id rows as an Arrow table of `ID_SCHEMAS[kind]`, numbered from `first_row` in list order."""
+    schema = ID_SCHEMAS[kind]
+    cols = {name: [r.get(name) for r in rows] for name in schema.names if name != ROW}
+    return pa.table({ROW: pa.array(range(first_row, first_row + len(rows)), pa.int64()), **cols}, schema=schema)
+
+
+def id_slots(batch: pa.Table) -> pa.Table:
+    """Id rows -> one row per passage of each: the row's columns repeated, plus `slot` (0 = the positive of a dual
+    row, or a group's first passage) and `pid`."""
+    if "pids" in batch.column_names:
+        lists = batch.column("pids").combine_chunks()
+    else:  # dual: [positive_id, *negative_ids]
+        lists = pa.array([[p, *n] for p, n in zip(batch.column("positive_id").to_pylist(),
+                                                  batch.column("negative_ids").to_pylist())], pa.list_(pa.string()))
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    parents = pa.array(np.repeat(np.arange(len(lengths)), lengths))
+    slots = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return batch.take(parents).append_column("slot", pa.array(slots, pa.int64())).append_column(
+        "pid", pc.list_flatten(lists))
+
+
+def assemble_example(group: pa.Table, kind: str) -> pa.Table:
+    """One row's slots joined to their `passage` texts -> the example row of `SCHEMAS[kind]` plus `row`; a row whose
+    passages did not all join (an id that is not in the corpus) is named."""
+    group = group.take(pc.sort_indices(group, [("slot", "ascending")]))
+    first = group.slice(0, 1)
+    texts = group.column("passage").to_pylist()
+    want = len(first.column("pids")[0]) if kind == "cross" else 1 + len(first.column("negative_ids")[0])
+    if len(texts) != want:
+        raise DataError(f"training example of question {first.column('qid')[0].as_py()!r}: {want} passage ids but "
+                        f"{len(texts)} found in the corpus store")
+    cols = {ROW: first.column(ROW), "qid": first.column("qid"), "query": first.column("query")}
+    if kind == "cross":
+        cols.update({"passages": pa.array([texts], pa.list_(pa.string())), "labels": first.column("labels")})
+    else:
+        cols.update({"positive": pa.array(texts[:1], pa.string()), "positive_id": first.column("positive_id"),
+                     "negatives": pa.array([texts[1:]], pa.list_(pa.string())),
+                     "negative_ids": first.column("negative_ids"), "teacher_scores": first.column("teacher_scores")})
+    return pa.table(cols)
+
+
+def as_schema(batch: pa.Table, kind: str) -> pa.Table:
+    """A flow's example batch with exactly the columns and types of `SCHEMAS[kind]` (shuffles turn strings into
+    large strings): a stage trains on a flow's folder and a driver's file as one data set."""
+    schema = SCHEMAS[kind]
+    return batch.select(schema.names).cast(schema)
 
 
 def write_examples(rows: list[dict], path: str | Path, kind: str | None = None) -> Path:
@@ -137,8 +242,11 @@ def write_examples(rows: list[dict], path: str | Path, kind: str | None = None) 
     return Path(path)
 
 
-def parquet_files(path: str | Path) -> list[Path]:
-    """The Parquet file itself, or the `*.parquet` files of a directory (sorted)."""
+def parquet_files(path: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The Parquet file itself, or the `*.parquet` files of a directory (sorted); for several paths, each one's
+    files in the order given."""
+    if not isinstance(path, (str, Path)):
+        return [f for one in path for f in parquet_files(one)]
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
@@ -150,7 +258,22 @@ def parquet_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def check_examples(path: str | Path, kind: str) -> dict:
+def teacher_counts(path: str | Path | Sequence[str | Path]) -> tuple[int, int]:
+    """(rows, rows with the teacher's score of the positive and of at least one negative) of dual examples, read
+    one column a batch at a time."""
+    rows = taught = 0
+    for f in parquet_files(path):
+        pf = pq.ParquetFile(f)
+        rows += pf.metadata.num_rows
+        if "teacher_scores" not in pf.schema_arrow.names:
+            continue
+        for batch in pf.iter_batches(columns=["teacher_scores"]):
+            for t in batch.column(0).to_pylist():
+                taught += bool(t) and t[0] is not None and any(v is not None for v in t[1:])
+    return rows, taught
+
+
+def check_examples(path: str | Path | Sequence[str | Path], kind: str) -> dict:
     """Validate an examples file's columns; returns {"rows", "max_negatives"} (most negatives in a row: dual
     hard negatives, or a cross-encoder group's passages minus one)."""
     schema = SCHEMAS[kind]
@@ -167,8 +290,6 @@ def check_examples(path: str | Path, kind: str) -> dict:
         col_name = "negative_ids" if kind == "dual" else "passages"
         col = pq.read_table(f, columns=[col_name]).column(col_name)
         if len(col):
-            import pyarrow.compute as pc
-
             longest = int(pc.max(pc.list_value_length(col)).as_py() or 0)
             max_neg = max(max_neg, longest if kind == "dual" else longest - 1)
     if rows == 0:

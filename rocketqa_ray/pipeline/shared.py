@@ -4,6 +4,7 @@ happens inside the Ray Data and Ray Train wrappers these call."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
     from rocketqa_ray.retrieval.fusion import Fusion
 
 TRAIN_TOP = "train_top"  # candidates folder: md0's top-k for the labelled training questions, gold excluded
-HELDOUT = "heldout.json"  # a dual encoder's held-out figures (`heldout_eval`)
+HELDOUT = "heldout.json"
+EXAMPLES = "train_examples.parquet"  # a stage's training examples: one file, or a folder of parts (the flow's)  # a dual encoder's held-out figures (`heldout_eval`)
 
 
 def start_ray(ctx: Context) -> None:
@@ -163,10 +165,11 @@ def _flow_scores(ctx: Context, d: Path, extra: list[tuple[str, str]], candidates
 VAL_NEGATIVES = 7
 
 
-def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], init: Path | None = None) -> Path:
-    """Write the examples (once) and train a dual encoder on Ray Train into d/model; a stage that continues from
-    a previous dual encoder (`init`) trains for `dual.continue_epochs` / `continue_min_steps` when set."""
-    from rocketqa_ray.data.examples import write_examples
+def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], init: Path | None = None,
+                       before: Sequence[Path] = ()) -> Path:
+    """Write the examples (once, `write_training_examples`) and train a dual encoder on Ray Train into d/model, on
+    the example files `before` (e.g. the previous stage's) followed by these rows; a stage that continues from a
+    previous dual encoder (`init`) trains for `dual.continue_epochs` / `continue_min_steps` when set."""
     from rocketqa_ray.train.launch import train_dual
 
     start_ray(ctx)
@@ -176,25 +179,39 @@ def train_dual_encoder(ctx: Context, cfg: Config, d: Path, rows: list[dict], ini
         cfg = replace(cfg, dual=replace(
             d_cfg, epochs=d_cfg.epochs if d_cfg.continue_epochs is None else d_cfg.continue_epochs,
             min_steps=d_cfg.min_steps if d_cfg.continue_min_steps is None else d_cfg.continue_min_steps))
-    ex = d / "train_examples.parquet"
-    if not ex.exists():
-        write_examples(rows, ex)
+    examples = [*before, write_training_examples(ctx, rows, d / EXAMPLES)] if rows else list(before)
     val = dev_groups(ctx, cfg.dual.val_groups) if cfg.dual.eval_every > 0 else None
-    return Path(train_dual(cfg, str(ex), str(d), init_model=str(init) if init else None, name=d.name, val_rows=val))
+    return Path(train_dual(cfg, examples, str(d), init_model=str(init) if init else None, name=d.name, val_rows=val))
 
 
-def training_summary(out_dir: Path, rows: list[dict] | None = None, cfg: Config | None = None) -> dict:
+def write_training_examples(ctx: Context, rows: list[dict], path: Path) -> Path:
+    """Id rows (`data.examples.dual_id_rows` / `cross_id_groups`) -> training examples at `path`, once: up to
+    `data.driver_max_examples` rows get their passages' texts here (one Parquet file), more from the Ray Data
+    examples flow (a folder of parts in the same order), so no process holds a large set's texts."""
+    from rocketqa_ray.batch.examples_flow import examples_flow, write_id_rows
+    from rocketqa_ray.data.examples import attach_texts, write_examples
+
+    if path.exists():
+        return path
+    if len(rows) <= ctx.cfg.data.driver_max_examples:
+        return write_examples(attach_texts(rows, ctx.passages.texts), path)
+    start_ray(ctx)
+    ids = write_id_rows(rows, path.with_name(path.stem + "_ids.parquet"))
+    return examples_flow(ids, ctx.corpus_store, path, ctx.cfg.ray)
+
+
+def training_summary(out_dir: Path, examples: Sequence[Path] = (), cfg: Config | None = None) -> dict:
     """What a stage's training did, for its stats: steps, with early stopping the step kept and the held-out
-    figure there, and with distillation on how many of the `rows` had the teacher's scores."""
+    figure there, and with distillation on how many of the `examples`' rows had the teacher's scores."""
+    from rocketqa_ray.data.examples import teacher_counts
     from rocketqa_ray.train.launch import read_history, read_validation
 
     hist, val = read_history(out_dir), read_validation(out_dir)
     out: dict = {"trained_steps": hist[-1]["step"]} if hist else {}
-    if cfg is not None and rows is not None and cfg.distill.kind != "none":
-        taught = sum(1 for r in rows if (r.get("teacher_scores") or [None])[0] is not None
-                     and any(v is not None for v in r["teacher_scores"][1:]))
+    if cfg is not None and examples and cfg.distill.kind != "none":
+        rows, taught = teacher_counts(examples)
         out["distill"] = {"kind": cfg.distill.kind, "weight": cfg.distill.weight, "rows_with_teacher": taught,
-                          "rows": len(rows)}
+                          "rows": rows}
     if val:
         out["early_stopping"] = {k: val[k] for k in ("best_step", "best_val_mrr@10", "evaluations", "stopped_early")
                                  if k in val}
@@ -232,14 +249,14 @@ def dev_groups(ctx: Context, limit: int) -> list[dict]:
 
 def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,
                   positives: dict[str, str] | None = None, scores: PairScores | None = None) -> list[dict]:
-    """Dual-encoder rows for `qids`: gold (or given pseudo) positives, `dual.num_hard_negatives` drawn from
-    each question's `negatives` pool (none for step 1), with the cross-encoder's `scores` of them as the
-    teacher's (distillation) when given."""
-    from rocketqa_ray.data.examples import build_dual_examples
+    """Dual-encoder rows for `qids`, as ids (`train_dual_encoder` gives them their texts): gold (or given pseudo)
+    positives, `dual.num_hard_negatives` drawn from each question's `negatives` pool (none for step 1), with the
+    cross-encoder's `scores` of them as the teacher's (distillation) when given."""
+    from rocketqa_ray.data.examples import dual_id_rows
 
     cfg = ctx.cfg
-    return build_dual_examples(
-        ctx.data, ctx.passages, qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
+    return dual_id_rows(
+        ctx.data, ctx.passages.ids, qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
         cfg.mining.seed, split=cfg.data.train_split,
         positives={q: {p: 1} for q, p in positives.items()} if positives is not None else None,
         queries={q: ctx.qtext(q) for q in qids} if positives is not None else None, scores=scores)

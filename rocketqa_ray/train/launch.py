@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,10 @@ def training_steps(epochs: float, steps_per_epoch: int, min_steps: int = 0, max_
     return max(1, math.ceil(epochs * steps_per_epoch), min_steps)
 
 
-def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path, init_model: str | None,
+Examples = str | Path | Sequence[str | Path]  # a Parquet file, a folder of parts, or several of these in order
+
+
+def _fit(kind: str, cfg: Config, examples_path: Examples, out_dir: str | Path, init_model: str | None,
          name: str, step_hook: StepHook | None, val_rows: list[dict] | None = None) -> Path:
     out_dir = Path(out_dir).resolve()
     model_dir = out_dir / "model"
@@ -160,7 +164,7 @@ def _fit(kind: str, cfg: Config, examples_path: str | Path, out_dir: str | Path,
     return model_dir
 
 
-def train_dual(cfg: Config, examples_path: str | Path, out_dir: str | Path, init_model: str | None = None,
+def train_dual(cfg: Config, examples_path: Examples, out_dir: str | Path, init_model: str | None = None,
                name: str = "md0", *, step_hook: StepHook | None = None, val_rows: list[dict] | None = None) -> Path:
     """Train a dual encoder on Ray Train; returns `out_dir/model` (a sentence-transformers folder).
 
@@ -173,7 +177,7 @@ def train_dual(cfg: Config, examples_path: str | Path, out_dir: str | Path, init
     return _fit("dual", cfg, examples_path, out_dir, init_model, name, step_hook, val_rows)
 
 
-def train_cross(cfg: Config, examples_path: str | Path, out_dir: str | Path, name: str = "mc", *,
+def train_cross(cfg: Config, examples_path: Examples, out_dir: str | Path, name: str = "mc", *,
                 init_model: str | None = None, step_hook: StepHook | None = None,
                 val_rows: list[dict] | None = None) -> Path:
     """Train the cross-encoder (`cfg.cross.loss` over question groups) from `cfg.cross.base`; returns `out_dir/model`

@@ -644,8 +644,10 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
 
     run("mc")
-    # with distillation on as well: the same scores become md1's soft targets
-    cfg = _cfg(small_data, "mining.denoise=relative", "mining.denoise_relative=0.5", "distill.kind=kl")
+    # with distillation on as well: the same scores become md1's soft targets; and the examples get their texts
+    # from the Ray Data flow (the corpus-scale path: a folder of parts, trained on as such)
+    cfg = _cfg(small_data, "mining.denoise=relative", "mining.denoise_relative=0.5", "distill.kind=kl",
+               "data.driver_max_examples=0")
     other = StageRunner(cfg, tmp_path / "run")
     for name in ("md0", "mc"):  # reuse md1's upstream stages: only step 3 differs
         shutil.copytree(run.dir(name), other.dir(name))
@@ -668,6 +670,7 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     assert res.stats["positive_score_mean"] == pytest.approx(
         sum(scores[(q, g)] for q, g in gold.items()) / len(gold), abs=1e-4)
     assert _spec(other.dir("md1"))["config"]["distill"]["kind"] == "kl"
+    assert (other.dir("md1") / "train_examples.parquet" / "_SUCCESS.json").exists()  # the flow's folder
     rows = _parquet_rows(other.dir("md1") / "train_examples.parquet")
     assert all(r["teacher_scores"][0] == pytest.approx(scores[(r["qid"], gold[r["qid"]])], abs=1e-6) for r in rows)
     assert res.stats["trained_steps"] > 0
@@ -703,10 +706,12 @@ def test_md2_adds_pseudo_labelled_questions(run):
     assert s["pseudo_pos_threshold"] == 0.0
     assert 0.0 <= s["pseudo_precision"] <= 1.0 and 0.0 <= s["pseudo_gold_in_candidates"] <= 1.0
     assert s["train_questions"] == s["labelled_questions"] + s["pseudo_labelled"] > s["labelled_questions"]
-    rows = _parquet_rows(d / "train_examples.parquet")
-    assert len(rows) == s["train_questions"]
+    # trained on md1's examples, then its own pseudo-labelled ones (md1's are not copied)
+    own = _parquet_rows(d / "train_examples.parquet")
+    assert sorted(r["qid"] for r in own) == sorted(pseudo)
     md1_rows = _parquet_rows(run.dir("md1") / "train_examples.parquet")
-    assert sorted(r["qid"] for r in rows) == sorted([r["qid"] for r in md1_rows] + pseudo)
+    assert len(md1_rows) == s["labelled_questions"]
+    rows = md1_rows + own
     # a pseudo positive is one of md1's top `pseudo_top_k` for the question, scored by the cross-encoder
     scores = read_pair_scores(d / "pseudo_scores")
     for r in rows:

@@ -18,6 +18,7 @@ from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.reranking import rerank_eval
 from rocketqa_ray.pipeline.shared import (
+    EXAMPLES,
     VAL_NEGATIVES,
     ce_scores,
     dense_scores,
@@ -25,6 +26,7 @@ from rocketqa_ray.pipeline.shared import (
     start_ray,
     train_top,
     training_summary,
+    write_training_examples,
 )
 from rocketqa_ray.rocketqa.negatives import sample_negatives
 
@@ -35,7 +37,7 @@ CALIBRATION = "calibration.json"
 @stage("mc", deps=("md0",), sections=("data", "cross", "mining", "eval", "bm25"), label="M_C reranking M_D0 top-k",
        reranks="md0")
 def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
-    from rocketqa_ray.data.examples import build_cross_examples, write_examples
+    from rocketqa_ray.data.examples import attach_texts, cross_id_groups
     from rocketqa_ray.train.launch import train_cross
 
     start_ray(ctx)
@@ -45,18 +47,17 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     negs = sample_negatives(train_top(ctx, "md0"), c.num_negatives, seed=cfg.mining.seed)
     parts = holdout(train, {"calib": c.calibration_fraction}, seed=cfg.mining.seed)
     queries = {q: ctx.qtext(q) for q in train}
-    ex = d / "train_examples.parquet"
-    top = train_top(ctx, "md0")
-    calib_negs = {q: top.get(q, [])[:VAL_NEGATIVES] for q in parts["calib"]}
-    texts = ctx.ptexts([*pos.values(), *(p for ps in [*negs.values(), *calib_negs.values()] for p in ps)])
-    if not ex.exists():
-        write_examples(build_cross_examples(queries, {q: pos[q] for q in parts["rest"]}, negs, texts.__getitem__), ex)
+    ex = write_training_examples(ctx, cross_id_groups(queries, {q: pos[q] for q in parts["rest"]}, negs), d / EXAMPLES)
     if c.init == "md0":  # M_D0's encoder, a new 1-logit head (from_base adds one to a dual-encoder folder)
         cfg = replace(cfg, cross=replace(c, base=str(ctx.stage_dir("md0") / "model")))
     # early stopping on the calibration groups (never trained on), with M_D0's hardest negatives: a positive
     # among 3 sampled negatives is ranked first too often to tell one checkpoint from the next
-    val = build_cross_examples(queries, {q: pos[q] for q in parts["calib"]}, calib_negs, texts.__getitem__) \
-        if c.eval_every > 0 else None
+    val = None
+    if c.eval_every > 0:  # the first `val_groups` calibration groups (all that training uses), texts read here
+        top = train_top(ctx, "md0")
+        calib = parts["calib"][: c.val_groups]
+        val = attach_texts(cross_id_groups(queries, {q: pos[q] for q in calib},
+                                           {q: top.get(q, [])[:VAL_NEGATIVES] for q in calib}), ctx.passages.texts)
     raw = train_cross(cfg, str(ex), str(d / "train"), name="mc", val_rows=val)
     stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss,
              "init": c.init, **training_summary(d / "train")}

@@ -12,6 +12,7 @@ from rocketqa_ray.pipeline.checks import ce_fallback
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
+    EXAMPLES,
     bm25_negatives,
     candidate_ce_scores,
     dense_eval,
@@ -87,7 +88,7 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
     metrics, index_dir = dense_eval(ctx, model_dir, d, d.name)
     stats["train_questions"] = len(rows)
-    stats.update(training_summary(d, rows, cfg))
+    stats.update(training_summary(d, [d / EXAMPLES], cfg))
     heldout = heldout_eval(ctx, model_dir, index_dir, d)
     stats.update(heldout)
     if denoised:

@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from rocketqa_ray.config import Config
+from rocketqa_ray.data.examples import check_examples
 from rocketqa_ray.pipeline.checks import ce_fallback
 from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
+    EXAMPLES,
     ce_scores,
     dense_eval,
     dual_encoder_check,
@@ -23,12 +25,6 @@ from rocketqa_ray.pipeline.shared import (
 from rocketqa_ray.rocketqa.pseudo_label import pseudo_label
 
 
-def read_rows(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
 @stage("md2", deps=("md1", "mc"), sections=("data", "model", "dual", "mining", "index", "eval", "distill"),
        label="M_D2: + pseudo-labels", retriever=True, paper_mrr10=37.0)
 def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
@@ -38,8 +34,9 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
     m = cfg.mining
     md1 = ctx.stage_dir("md1")
     md1_model = md1 / "model"
-    rows = read_rows(md1 / "train_examples.parquet")
-    stats: dict = {"labelled_questions": len(rows)}
+    labelled = md1 / EXAMPLES  # md2 trains on md1's examples, then its own pseudo-labelled ones
+    stats: dict = {"labelled_questions": check_examples(labelled, "dual")["rows"]}
+    rows: list[dict] = []
     pseudo_q = ctx.splits.pseudo
     fallback = ce_fallback(ctx.stage_dir("mc"))
     if fallback is not None and fusion(ctx) is None:
@@ -59,13 +56,13 @@ def md2(ctx: Context, cfg: Config, d: Path) -> StageResult:
         stats.update({f"pseudo_{k}": v for k, v in pl.stats.items()})
         if ctx.known_positives is not None:  # diagnostic only
             stats["pseudo_known_positives"] = pseudo_report(pl.positives, hidden, ctx.known_positives)
-        rows = rows + dual_examples(ctx, sorted(pl.positives), pl.negatives, positives=pl.positives, scores=scores)
-    stats["train_questions"] = len(rows)
+        rows = dual_examples(ctx, sorted(pl.positives), pl.negatives, positives=pl.positives, scores=scores)
+    stats["train_questions"] = stats["labelled_questions"] + len(rows)
     init = md1_model if cfg.dual.init == "previous" else None
-    model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
+    model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init, before=[labelled])
     metrics, index_dir = dense_eval(ctx, model_dir, d, "md2")
     heldout = heldout_eval(ctx, model_dir, index_dir, d, trained_on_pseudo=True)
     stats.update(heldout)
-    stats.update(training_summary(d, rows, cfg))
+    stats.update(training_summary(d, [labelled, *([d / EXAMPLES] if rows else [])], cfg))
     stats.update(dual_encoder_check(ctx, "md2", "md1", heldout))
     return StageResult(metrics, stats)

@@ -1,0 +1,83 @@
+"""Training examples with their texts, as a Ray Data flow: the driver hands over example rows as ids
+(`data.examples.dual_id_rows` / `cross_id_groups`, written to Parquet), the flow joins every passage id to its text
+in the corpus store, groups the texts back by row and writes the examples folder in training order. No process
+holds the examples' texts (a dual row carries ~5 passages: ~3 KB a row, gigabytes at a million questions).
+
+Order is the rows' order (`row`): the folder's files, read in name order, give the rows as the driver listed
+them, so training sees exactly what `data.examples.write_examples` would have written (tested)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from rocketqa_ray.batch.pair_flow import ROWS_PER_PARTITION, passages_of
+from rocketqa_ray.config import RayConfig
+from rocketqa_ray.data import corpus_store
+from rocketqa_ray.data.examples import ROW, as_schema, assemble_example, example_kind, id_slots, id_table
+from rocketqa_ray.errors import DataError, as_user_error
+from rocketqa_ray.io import atomic_dir, atomic_path, write_json
+from rocketqa_ray.retrieval.candidates import SUCCESS
+
+log = logging.getLogger(__name__)
+
+
+def write_id_rows(rows: list[dict], path: str | Path) -> Path:
+    """The id rows, numbered in list order, as one Parquet file (the flow's input)."""
+    if not rows:
+        raise DataError(f"no training examples to write to {path}")
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(id_table(rows, example_kind(rows[0])), tmp)
+    return Path(path)
+
+
+def examples_flow(ids_file: str | Path, store_dir: str | Path, out_dir: str | Path,
+                  ray_cfg: RayConfig | None = None) -> Path:
+    """Id rows in `ids_file` -> the examples folder `out_dir` (Parquet parts with the columns of
+    `data.examples.SCHEMAS`, the rows in the ids file's order across the files in name order; `_SUCCESS.json` last,
+    with the row count). Raises DataError when a passage id is not in the store."""
+    import ray
+
+    from rocketqa_ray.ray_utils import ensure_ray
+
+    ensure_ray(ray_cfg)
+    t0 = time.perf_counter()
+    meta = pq.ParquetFile(ids_file)
+    n_rows = meta.metadata.num_rows
+    kind = "cross" if "pids" in meta.schema_arrow.names else "dual"
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # write tasks numbered in the sorted blocks' order
+    try:
+        # one row per passage, carrying its row's columns; joined to the texts; grouped back into rows; sorted
+        slots = ray.data.read_parquet(str(ids_file)).map_batches(id_slots, batch_format="pyarrow")
+        n_slots = slots.count()
+        rec = corpus_store.require_record(store_dir)
+        n_part = max(1, math.ceil(max(n_slots, rec["n_rows"]) / ROWS_PER_PARTITION))
+        passages = ray.data.read_parquet(corpus_store.part_files(store_dir)).select_columns(["id", "title", "text"]) \
+            .map_batches(passages_of, batch_format="pyarrow")
+        examples = (slots.join(passages, "inner", n_part, on=("pid",), right_on=("id",))
+                    .groupby(ROW).map_groups(assemble_example, fn_kwargs={"kind": kind}, batch_format="pyarrow")
+                    .sort(ROW)
+                    .map_batches(as_schema, fn_kwargs={"kind": kind}, batch_format="pyarrow"))  # order kept, `row` not
+        with atomic_dir(out_dir) as tmp:
+            try:
+                examples.write_parquet(str(tmp))
+            except Exception as e:  # a DataError from `assemble_example`, without Ray's traceback around it
+                err = as_user_error(e)
+                if err is e:
+                    raise
+                raise err from None
+            got = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(tmp).glob("*.parquet"))
+            if got != n_rows:  # a row none of whose passages is in the store left no group
+                raise DataError(f"training examples: {n_rows} rows in {ids_file} but {got} have their passages in "
+                                f"{store_dir}: some passage id is not in the corpus")
+            write_json(tmp / SUCCESS, {"rows": n_rows, "kind": kind, "seconds": round(time.perf_counter() - t0, 3)})
+    finally:
+        ctx.execution_options.preserve_order = before
+    log.info("%s examples: %d rows with their texts in %.1f s -> %s", kind, n_rows, time.perf_counter() - t0, out_dir)
+    return Path(out_dir)
