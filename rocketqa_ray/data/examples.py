@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,24 +38,14 @@ SCHEMAS = {"dual": DUAL_SCHEMA, "cross": CROSS_SCHEMA}
 OPTIONAL = {"teacher_scores"}  # a user's own examples file may leave these out
 
 
-def build_dual_examples(
-    data: BeirData,
-    corpus: Mapping[str, dict] | Passages,
-    qids: list[str],
-    hard_negatives: dict[str, list[str]] | None,
-    num_negatives: int,
-    seed: int,
-    *,
-    split: str = "train",
-    positives: dict[str, list[str]] | None = None,
-    queries: dict[str, str] | None = None,
-    scores: Mapping[tuple[str, str], float] | None = None,
-) -> list[dict]:
-    """One row per (question, positive passage) pair, shuffled with `seed`: `dual_id_rows` with the passages'
-    texts attached (`attach_texts`); `corpus` is a dict or a `data.passages` source, read for just those ids."""
+def build_dual_examples(data: BeirData, corpus: Mapping[str, dict] | Passages, qids: list[str],
+                        hard_negatives: dict[str, list[str]] | None, num_negatives: int, seed: int,
+                        **options: Any) -> list[dict]:
+    """One row per (question, positive passage) pair, shuffled with `seed`: `dual_id_rows` (its keyword `options`:
+    split, positives, queries, scores) with the passages' texts attached (`attach_texts`); `corpus` is a dict or a
+    `data.passages` source, read for just those ids."""
     source = as_passages(corpus)
-    rows = dual_id_rows(data, source.ids, qids, hard_negatives, num_negatives, seed, split=split,
-                        positives=positives, queries=queries, scores=scores)
+    rows = dual_id_rows(data, source.ids, qids, hard_negatives, num_negatives, seed, **options)
     return attach_texts(rows, source.texts)
 
 
