@@ -26,18 +26,23 @@ from rocketqa_ray.retrieval.candidates import SUCCESS
 log = logging.getLogger(__name__)
 
 
+SLOTS_KEY = b"slots"  # the ids file's metadata: passages over all its rows (sizes the join without a pass)
+
+
 def write_id_rows(rows: list[dict], path: str | Path) -> Path:
     """The id rows, numbered in list order, as one Parquet file (the flow's input)."""
     if not rows:
         raise DataError(f"no training examples to write to {path}")
+    kind = example_kind(rows[0])
+    slots = sum(len(r["pids"]) if kind == "cross" else 1 + len(r["negative_ids"]) for r in rows)
     with atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(id_table(rows, example_kind(rows[0])), tmp)
+        pq.write_table(id_table(rows, kind).replace_schema_metadata({SLOTS_KEY: str(slots).encode()}), tmp)
     return Path(path)
 
 
 def examples_flow(ids_file: str | Path, store_dir: str | Path, out_dir: str | Path,
                   ray_cfg: RayConfig | None = None) -> Path:
-    """Id rows in `ids_file` -> the examples folder `out_dir` (Parquet parts with the columns of
+    """Id rows in `ids_file` (written by `write_id_rows`) -> the examples folder `out_dir` (Parquet parts with the columns of
     `data.examples.SCHEMAS`, the rows in the ids file's order across the files in name order; `_SUCCESS.json` last,
     with the row count). Raises DataError when a passage id is not in the store."""
     import ray
@@ -55,7 +60,7 @@ def examples_flow(ids_file: str | Path, store_dir: str | Path, out_dir: str | Pa
     try:
         # one row per passage, carrying its row's columns; joined to the texts; grouped back into rows; sorted
         slots = ray.data.read_parquet(str(ids_file)).map_batches(id_slots, batch_format="pyarrow")
-        n_slots = slots.count()
+        n_slots = int(meta.schema_arrow.metadata[SLOTS_KEY])
         rec = corpus_store.require_record(store_dir)
         n_part = max(1, math.ceil(max(n_slots, rec["n_rows"]) / ROWS_PER_PARTITION))
         passages = ray.data.read_parquet(corpus_store.part_files(store_dir)).select_columns(["id", "title", "text"]) \

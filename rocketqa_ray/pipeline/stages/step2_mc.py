@@ -44,7 +44,8 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     c = cfg.cross
     train = ctx.splits.train
     pos = gold_positive(ctx, train)
-    negs = sample_negatives(train_top(ctx, "md0"), c.num_negatives, seed=cfg.mining.seed)
+    top = train_top(ctx, "md0")
+    negs = sample_negatives(top, c.num_negatives, seed=cfg.mining.seed)
     parts = holdout(train, {"calib": c.calibration_fraction}, seed=cfg.mining.seed)
     queries = {q: ctx.qtext(q) for q in train}
     ex = write_training_examples(ctx, cross_id_groups(queries, {q: pos[q] for q in parts["rest"]}, negs), d / EXAMPLES)
@@ -54,7 +55,6 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     # among 3 sampled negatives is ranked first too often to tell one checkpoint from the next
     val = None
     if c.eval_every > 0:  # the first `val_groups` calibration groups (all that training uses), texts read here
-        top = train_top(ctx, "md0")
         calib = parts["calib"][: c.val_groups]
         val = attach_texts(cross_id_groups(queries, {q: pos[q] for q in calib},
                                            {q: top.get(q, [])[:VAL_NEGATIVES] for q in calib}), ctx.passages.texts)
