@@ -11,13 +11,12 @@ distributed path, one phase after another:
     bm25    the corpus's BM25 statistics (Ray Data: counted per batch, summed by a groupby over terms)
     score   every question's top `--score-top` candidates joined to passage and question texts (Ray Data joins),
             scored by a cross-encoder actor pool -> Parquet
-    examples  every question's dual-encoder training row (gold positive + 4 hard negatives sampled from its top-k,
-            as ids in the driver, as the pipeline's step 3 builds them) given its texts by the examples flow (Ray
-            Data joins and a groupby) -> Parquet in training order
+    examples  step 3's rows: every question's scored candidates and gold grouped by Ray Data, denoised (threshold)
+            and 4 negatives drawn per question (`batch.negatives_flow`), then given their texts by the examples
+            flow (Ray Data joins and a groupby) -> Parquet in training order
 
 Each size runs in a fresh process with its own Ray cluster. Reported per phase: wall time, the driver's peak RSS
 during the phase (sampled every 50 ms), and the peak RSS of each worker kind (from the workers themselves).
-Not yet here: denoising, whose decisions are made in the driver from the scores read back.
 
     python bench/bench_scale.py                           # N = 100k / Q = 5k and N = 1M / Q = 50k
     python bench/bench_scale.py --sizes 20000,200000      # quicker
@@ -173,21 +172,22 @@ def child(args: argparse.Namespace) -> None:
         return {"pairs": json.loads((folder / "_SUCCESS.json").read_text())["pairs"]}
 
     def examples():
-        # what pipeline step 3 does: the candidates read back as a pool per question, id rows sampled in the driver,
-        # texts attached by the flow
-        from rocketqa_ray.batch.examples_flow import examples_flow, write_id_rows
-        from rocketqa_ray.data.examples import dual_id_rows
-        from rocketqa_ray.retrieval.candidates import read_hits
+        # what pipeline step 3 does above data.driver_max_examples: every question's candidates, scores and positive
+        # grouped by Ray Data, denoised and its negatives drawn per question (batch.negatives_flow), the rows given
+        # their texts by the examples flow; the driver writes the questions and sums counts
+        from rocketqa_ray.batch.examples_flow import examples_flow
+        from rocketqa_ray.batch.negatives_flow import negatives_flow, write_question_positives
+        from rocketqa_ray.data.passages import Stored, top_up_ids
+        from rocketqa_ray.rocketqa.denoise import DenoiseRule
+        from rocketqa_ray.rocketqa.question_negatives import MiningPlan
 
-        class Gold:  # the BeirData fields dual_id_rows reads
-            queries = {q: {"text": t} for q, t, _ in questions}
-            split = staticmethod(lambda _: {q: {g: 1} for q, _, g in questions})
-
-        pool = {q: [p for p, _ in hits] for q, hits in read_hits(work / "cands").items()}
-        rows = dual_id_rows(Gold(), lambda: [], [q for q, _, _ in questions], pool, 4, seed=0)
-        del pool
-        folder = examples_flow(write_id_rows(rows, work / "example_ids.parquet"), work / "store", work / "examples")
-        return {"rows": json.loads((folder / "_SUCCESS.json").read_text())["rows"]}
+        qfile = write_question_positives([(q, t, [g]) for q, t, g in questions], work / "positives.parquet")
+        plan = MiningPlan(DenoiseRule("threshold", 0.9), args.score_top, 4, seed=0)
+        ids, stats = negatives_flow(qfile, work / "cands", args.score_top, plan, work / "decided",
+                                    top_up_ids(Stored(work / "store")), scores=[work / "scores"])
+        folder = examples_flow(ids, work / "store", work / "examples")
+        return {"rows": json.loads((folder / "_SUCCESS.json").read_text())["rows"], "scored": stats["scored"],
+                "dropped": stats["dropped"]}
 
     for name, fn in zip(PHASES, (ingest, encode, index, mine, bm25, score, examples)):
         phase(name, fn)

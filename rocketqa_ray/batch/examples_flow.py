@@ -13,12 +13,22 @@ import math
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rocketqa_ray.batch.pair_flow import ROWS_PER_PARTITION, passages_of
 from rocketqa_ray.config import RayConfig
 from rocketqa_ray.data import corpus_store
-from rocketqa_ray.data.examples import ROW, as_schema, assemble_example, example_kind, id_slots, id_table
+from rocketqa_ray.data.examples import (
+    ID_SCHEMAS,
+    ROW,
+    as_schema,
+    assemble_example,
+    example_kind,
+    id_slots,
+    id_table,
+    parquet_files,
+)
 from rocketqa_ray.errors import DataError, as_user_error
 from rocketqa_ray.io import atomic_dir, atomic_path, write_json
 from rocketqa_ray.retrieval.candidates import SUCCESS
@@ -40,27 +50,46 @@ def write_id_rows(rows: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
+def id_counts(files: list[Path]) -> tuple[int, int, str]:
+    """(rows, passages over all rows, kind) of id-row files: the passages from `write_id_rows`' metadata, else
+    from the id columns, read a column at a time."""
+    names = pq.read_schema(files[0]).names
+    kind = "cross" if "pids" in names else "dual"
+    rows = slots = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        rows += pf.metadata.num_rows
+        meta = pf.schema_arrow.metadata or {}
+        if SLOTS_KEY in meta:
+            slots += int(meta[SLOTS_KEY])
+            continue
+        col = "pids" if kind == "cross" else "negative_ids"
+        for batch in pf.iter_batches(columns=[col]):
+            slots += int(pc.sum(pc.list_value_length(batch.column(0))).as_py() or 0) + (kind == "dual") * batch.num_rows
+    return rows, slots, kind
+
+
 def examples_flow(ids_file: str | Path, store_dir: str | Path, out_dir: str | Path,
                   ray_cfg: RayConfig | None = None) -> Path:
-    """Id rows in `ids_file` (written by `write_id_rows`) -> the examples folder `out_dir` (Parquet parts with the columns of
-    `data.examples.SCHEMAS`, the rows in the ids file's order across the files in name order; `_SUCCESS.json` last,
-    with the row count). Raises DataError when a passage id is not in the store."""
+    """Id rows in `ids_file` (written by `write_id_rows`, or a folder of such parts, e.g. `batch.negatives_flow`'s)
+    -> the examples folder `out_dir` (Parquet parts with the columns of `data.examples.SCHEMAS`, the rows in the
+    order of their `row` across the files in name order; `_SUCCESS.json` last, with the row count). Raises
+    DataError when a passage id is not in the store."""
     import ray
 
     from rocketqa_ray.ray_utils import ensure_ray
 
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
-    meta = pq.ParquetFile(ids_file)
-    n_rows = meta.metadata.num_rows
-    kind = "cross" if "pids" in meta.schema_arrow.names else "dual"
+    files = parquet_files(ids_file)
+    n_rows, n_slots, kind = id_counts(files)
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # write tasks numbered in the sorted blocks' order
     try:
         # one row per passage, carrying its row's columns; joined to the texts; grouped back into rows; sorted
-        slots = ray.data.read_parquet(str(ids_file)).map_batches(id_slots, batch_format="pyarrow")
-        n_slots = int(meta.schema_arrow.metadata[SLOTS_KEY])
+        slots = ray.data.read_parquet([str(f) for f in files], columns=ID_SCHEMAS[kind].names).map_batches(
+            id_slots, batch_format="pyarrow")
         rec = corpus_store.require_record(store_dir)
         n_part = max(1, math.ceil(max(n_slots, rec["n_rows"]) / ROWS_PER_PARTITION))
         passages = ray.data.read_parquet(corpus_store.part_files(store_dir)).select_columns(["id", "title", "text"]) \

@@ -132,9 +132,10 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
 
 
 def read_pair_scores(out_dir: str | Path) -> dict[tuple[str, str], float]:
-    """{(qid, pid): probability} of a `score_pair_files` folder (for callers that keep the scores in memory)."""
+    """{(qid, pid): probability} of a `score_pair_files` folder, or of one Parquet file with those columns (for
+    callers that keep the scores in memory)."""
     out: dict[tuple[str, str], float] = {}
-    for f in sorted(Path(out_dir).glob("*.parquet")):
+    for f in [out_dir] if Path(out_dir).is_file() else sorted(Path(out_dir).glob("*.parquet")):
         t = pq.read_table(f, columns=["qid", "pid", "score"])
         out.update(zip(zip(t.column("qid").to_pylist(), t.column("pid").to_pylist()),
                        t.column("score").to_numpy().astype(float).tolist()))

@@ -11,6 +11,7 @@ and shuffling keeps them together.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ OPTIONAL = {"teacher_scores"}  # a user's own examples file may leave these out
 def build_dual_examples(data: BeirData, corpus: Mapping[str, dict] | Passages, qids: list[str],
                         hard_negatives: dict[str, list[str]] | None, num_negatives: int, seed: int,
                         **options: Any) -> list[dict]:
-    """One row per (question, positive passage) pair, shuffled with `seed`: `dual_id_rows` (its keyword `options`:
+    """One row per (question, positive passage) pair, in `seed`'s order: `dual_id_rows` (its keyword `options`:
     split, positives, queries, scores) with the passages' texts attached (`attach_texts`); `corpus` is a dict or a
     `data.passages` source, read for just those ids."""
     source = as_passages(corpus)
@@ -62,19 +63,24 @@ def dual_id_rows(
     queries: dict[str, str] | None = None,
     scores: Mapping[tuple[str, str], float] | None = None,
 ) -> list[dict]:
-    """Dual-encoder rows as ids (`qid`, `query`, `positive_id`, `negative_ids`, `teacher_scores`), shuffled with
-    `seed`; the passages' texts are attached afterwards, in the driver or by the Ray Data flow.
+    """Dual-encoder rows as ids (`qid`, `query`, `positive_id`, `negative_ids`, `teacher_scores`) in training order
+    (`order_key`); the passages' texts are attached afterwards, in the driver or by the Ray Data flow.
 
     Positives come from the qrels of `split`, or from `positives` (e.g. pseudo-labels) when given;
     question texts from `data.queries`, or `queries`. With `hard_negatives` ({qid: ranked pids}) each row
-    gets `num_negatives` of them sampled at random, never one of the question's positives; a question
-    with too few is topped up with random corpus passages (`corpus_ids()`, called only then). Without it rows
-    have no negatives (in-batch training, step 1). Questions without any positive are skipped. With `scores`
+    gets `num_negatives` of them sampled at random (`question_rows`), never one of the question's positives; a
+    question with too few is topped up with random corpus passages (`corpus_ids()`, called only then). Without it
+    rows have no negatives (in-batch training, step 1). Questions without any positive are skipped. With `scores`
     ({(qid, pid): probability}) each row carries them as `teacher_scores` (None where a passage is unscored).
     """
-    rng = random.Random(seed)
     qrels = positives if positives is not None else data.split(split)
-    all_pids: Sequence[str] | None = None
+    ids: list[Sequence[str]] = []  # read once, and only if a top-up draws from them
+
+    def corpus() -> Sequence[str]:
+        if not ids:
+            ids.append(corpus_ids())
+        return ids[0]
+
     rows = []
     for qid in qids:
         pos = sorted(qrels.get(qid, {}))  # qrels, pseudo-labels and mined pools name corpus passages only
@@ -86,25 +92,44 @@ def dual_id_rows(
             qtext = data.queries[qid]["text"]
         else:
             raise DataError(f"question {qid!r} has no text (not in queries.jsonl nor in the given queries)")
-        pos_set = set(pos)
-        for pid in pos:
-            neg_ids: list[str] = []
-            if hard_negatives is not None and num_negatives > 0:
-                pool = list(dict.fromkeys(p for p in hard_negatives.get(qid, []) if p not in pos_set))
-                neg_ids = rng.sample(pool, min(num_negatives, len(pool)))
-                taken = set(neg_ids)
-                if len(neg_ids) < num_negatives and all_pids is None:
-                    all_pids = corpus_ids()  # a stored corpus reads its ids only if a top-up draws from them
-                while len(neg_ids) < num_negatives and len(taken) + len(pos_set) < len(all_pids):
-                    p = rng.choice(all_pids)
-                    if p not in pos_set and p not in taken:
-                        neg_ids.append(p)
-                        taken.add(p)
-            rows.append({"qid": qid, "query": qtext, "positive_id": pid, "negative_ids": neg_ids,
-                         "teacher_scores": [scores.get((qid, p)) for p in [pid, *neg_ids]]
-                         if scores is not None else []})
-    rng.shuffle(rows)
+        pool = hard_negatives.get(qid, []) if hard_negatives is not None else None
+        rows += question_rows(qid, qtext, pos, pool, num_negatives, seed, corpus, scores)
+    rows.sort(key=lambda r: order_key(seed, r["qid"], r["positive_id"]))
     return rows
+
+
+def question_rows(qid: str, query: str, positives: list[str], pool: Sequence[str] | None, num_negatives: int,
+                  seed: int, corpus_ids: Callable[[], Sequence[str]],
+                  scores: Mapping[tuple[str, str], float] | None = None) -> list[dict]:
+    """One question's dual id rows, one per positive: `num_negatives` drawn from its ranked `pool` (minus its
+    positives; topped up from `corpus_ids()` when short). The draws come from a generator seeded by (`seed`,
+    `qid`), so a question's rows do not depend on which other questions are built with it, nor in what order: the
+    driver and a per-question Ray Data step build the same rows."""
+    rng = random.Random(f"{seed}\x1f{qid}")  # a str seed is hashed with SHA-512: the same in every process
+    pos_set = set(positives)
+    rows = []
+    for pid in positives:
+        neg_ids: list[str] = []
+        if pool is not None and num_negatives > 0:
+            cands = list(dict.fromkeys(p for p in pool if p not in pos_set))
+            neg_ids = rng.sample(cands, min(num_negatives, len(cands)))
+            taken = set(neg_ids)
+            all_pids = corpus_ids() if len(neg_ids) < num_negatives else ()
+            while len(neg_ids) < num_negatives and len(taken) + len(pos_set) < len(all_pids):
+                p = all_pids[rng.randrange(len(all_pids))]
+                if p not in pos_set and p not in taken:
+                    neg_ids.append(p)
+                    taken.add(p)
+        rows.append({"qid": qid, "query": query, "positive_id": pid, "negative_ids": neg_ids,
+                     "teacher_scores": [scores.get((qid, p)) for p in [pid, *neg_ids]] if scores is not None else []})
+    return rows
+
+
+def order_key(seed: int, qid: str, positive_id: str) -> int:
+    """A dual row's place in training order: a 63-bit hash of (`seed`, question, positive). A shuffle that needs no
+    global generator, so rows built apart (per question, on several workers) sort into the same order."""
+    digest = hashlib.blake2b(f"{seed}\x1f{qid}\x1f{positive_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def build_cross_examples(

@@ -114,3 +114,26 @@ class Stored:
 
 def as_passages(corpus: Mapping[str, dict] | Passages) -> Passages:
     return InMemory(corpus) if isinstance(corpus, Mapping) else corpus
+
+
+TOP_UP_IDS = 100_000  # passages a hard-negative top-up draws from: the whole corpus up to this size, else a sample
+
+
+def top_up_ids(passages: Passages, cap: int = TOP_UP_IDS) -> list[str]:
+    """The passages a question short of hard negatives is topped up from: every id (sorted) for a corpus of up to
+    `cap` passages, else every k-th id in corpus order (at most `cap`), read part by part. Bounded, so it can be
+    handed to every worker of a flow; the same list in the driver and in the flow."""
+    n = len(passages)
+    if n <= cap:
+        return list(passages.ids())
+    stride = -(-n // cap)
+    if isinstance(passages, Stored):
+        from rocketqa_ray.data import corpus_store
+
+        out: list[str] = []
+        first = 0
+        for t in corpus_store.iter_parts(passages.folder, ["id"]):
+            out += t.column("id").to_pylist()[(-first) % stride::stride]
+            first += t.num_rows
+        return out
+    return list(passages.ids())[::stride]

@@ -136,28 +136,31 @@ def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Pa
     return _flow_scores(ctx, d, pairs, model_dir=model_dir)
 
 
-def candidate_ce_scores(ctx: Context, stage: str, top: int, extra: list[tuple[str, str]], qids: list[str],
-                        d: Path) -> PairScores:
-    """Cross-encoder probabilities of `stage`'s top `top` hard-negative candidates per question (its TRAIN_TOP
-    folder) plus the `extra` pairs, by the same flow: the candidates go from their folder to the scorer without
-    passing through the driver."""
-    return _flow_scores(ctx, d, extra, candidates=ctx.stage_dir(stage) / TRAIN_TOP, top=top, qids=qids)
+def candidate_score_folder(ctx: Context, stage: str, top: int, extra: list[tuple[str, str]], qids: list[str],
+                           d: Path) -> Path:
+    """The folder d of cross-encoder probabilities (qid, pid, rank, score) of `stage`'s top `top` hard-negative
+    candidates per question (its TRAIN_TOP folder) plus the `extra` pairs, by the same flow: the candidates go
+    from their folder to the scorer without passing through the driver."""
+    return _score_folder(ctx, d, extra, candidates=ctx.stage_dir(stage) / TRAIN_TOP, top=top, qids=qids)
 
 
-def _flow_scores(ctx: Context, d: Path, extra: list[tuple[str, str]], candidates: Path | None = None, top: int = 0,
-                 qids: list[str] | None = None, model_dir: Path | None = None) -> PairScores:
-    from rocketqa_ray.batch.pair_flow import read_pair_scores, score_pair_files, write_pairs, write_questions
+def _flow_scores(ctx: Context, d: Path, extra: list[tuple[str, str]], model_dir: Path | None = None) -> PairScores:
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
 
-    if not extra and candidates is None:
-        return {}
+    return read_pair_scores(_score_folder(ctx, d, extra, model_dir=model_dir)) if extra else {}
+
+
+def _score_folder(ctx: Context, d: Path, extra: list[tuple[str, str]], candidates: Path | None = None, top: int = 0,
+                  qids: list[str] | None = None, model_dir: Path | None = None) -> Path:
+    from rocketqa_ray.batch.pair_flow import score_pair_files, write_pairs, write_questions
+
     start_ray(ctx)
     qids = list(dict.fromkeys(q for q, _ in extra)) if qids is None else qids
     inputs = d.with_name(d.name + "_inputs")
     questions = write_questions(qids, [ctx.qtext(q) for q in qids], inputs / "questions.parquet")
     extra_file = write_pairs(extra, inputs / "extra.parquet") if extra else None
-    out = score_pair_files(model_dir or ctx.stage_dir("mc") / "model", ctx.corpus_store, questions, d,
-                           ctx.cfg.encode, candidates=candidates, top=top, extra=extra_file, ray_cfg=ctx.cfg.ray)
-    return read_pair_scores(out)
+    return score_pair_files(model_dir or ctx.stage_dir("mc") / "model", ctx.corpus_store, questions, d,
+                            ctx.cfg.encode, candidates=candidates, top=top, extra=extra_file, ray_cfg=ctx.cfg.ray)
 
 
 # negatives per held-out group of early stopping: enough that the positive's rank says something, few enough to

@@ -86,19 +86,23 @@ def denoise(candidates: RankedIds, scores: PairScores, threshold: float | Denois
         dropped[q] = [p for p, g in zip(head, gone) if g]
     n_kept = sum(map(len, kept.values()))
     n_dropped = sum(map(len, dropped.values()))
-    stats = {
-        "questions": len(candidates),
-        "scored": n_kept + n_dropped,
-        "kept": n_kept,
-        "dropped": n_dropped,
-        "dropped_frac": round(n_dropped / max(1, n_kept + n_dropped), 4),
-        "questions_without_negatives": sum(1 for v in kept.values() if not v),
-        **rule.describe(),
-        "top": top,
-    }
+    counts = {"questions": len(candidates), "scored": n_kept + n_dropped, "kept": n_kept, "dropped": n_dropped,
+              "questions_without_negatives": sum(1 for v in kept.values() if not v)}
+    return DenoiseResult(kept, dropped, denoise_stats(counts, rule, top))
+
+
+COUNTS = ("questions", "scored", "kept", "dropped", "questions_without_negatives")  # what adds up over questions
+
+
+def denoise_stats(counts: dict[str, int], rule: DenoiseRule, top: int) -> dict:
+    """`denoise`'s stats from its `COUNTS`, which add up over questions: one question's stats summed over every
+    question (a Ray Data flow's groups) are the stats of denoising them all at once."""
+    stats = {k: int(counts.get(k, 0)) for k in COUNTS}
+    stats["dropped_frac"] = round(stats["dropped"] / max(1, stats["scored"]), 4)
+    stats.update({**rule.describe(), "top": top})
     if rule.kind == "threshold":
         stats["threshold"] = rule.threshold
-    return DenoiseResult(kept, dropped, stats)
+    return stats
 
 
 def answer_rates(result: DenoiseResult, answers: dict[str, list[str]], has_answer: Callable[[str, list[str]], bool],

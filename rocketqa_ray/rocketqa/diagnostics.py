@@ -38,16 +38,29 @@ def removal_report(scored: RankedIds, dropped: RankedIds, known: Qrels) -> dict:
     n_fn = sum(map(len, fn.values()))
     n_dropped = sum(len(dropped.get(q, [])) for q in scored)
     fn_dropped = sum(1 for q in scored for p in dropped.get(q, []) if p in fn[q])
+    return removal_stats({"candidates": n_scored, "known_false_negatives": n_fn,
+                          "questions_with_one": sum(1 for v in fn.values() if v), "dropped": n_dropped,
+                          "known_false_negatives_dropped": fn_dropped})
+
+
+REMOVAL_COUNTS = ("candidates", "known_false_negatives", "questions_with_one", "dropped",
+                  "known_false_negatives_dropped")  # what adds up over questions
+
+
+def removal_stats(counts: dict[str, int]) -> dict:
+    """`removal_report` from its `REMOVAL_COUNTS`: summed over questions reported one by one, the same report as
+    for all of them at once."""
+    c = {k: int(counts.get(k, 0)) for k in REMOVAL_COUNTS}
     return {
-        "candidates": n_scored,
-        "known_false_negatives": n_fn,
-        "known_false_negative_share": _ratio(n_fn, n_scored),
-        "questions_with_one": sum(1 for v in fn.values() if v),
-        "dropped": n_dropped,
-        "known_false_negatives_dropped": fn_dropped,
-        "recall": _ratio(fn_dropped, n_fn),
-        "precision_lower_bound": _ratio(fn_dropped, n_dropped),
-        "known_false_negatives_kept": n_fn - fn_dropped,
+        "candidates": c["candidates"],
+        "known_false_negatives": c["known_false_negatives"],
+        "known_false_negative_share": _ratio(c["known_false_negatives"], c["candidates"]),
+        "questions_with_one": c["questions_with_one"],
+        "dropped": c["dropped"],
+        "known_false_negatives_dropped": c["known_false_negatives_dropped"],
+        "recall": _ratio(c["known_false_negatives_dropped"], c["known_false_negatives"]),
+        "precision_lower_bound": _ratio(c["known_false_negatives_dropped"], c["dropped"]),
+        "known_false_negatives_kept": c["known_false_negatives"] - c["known_false_negatives_dropped"],
     }
 
 

@@ -639,13 +639,14 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     exactly when it scores above denoise_relative x its question's positive."""
     import shutil
 
+    from rocketqa_ray.batch.negatives_flow import read_pools
     from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.pipeline.checks import ce_fallback
     from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
 
     run("mc")
-    # with distillation on as well: the same scores become md1's soft targets; and the examples get their texts
-    # from the Ray Data flow (the corpus-scale path: a folder of parts, trained on as such)
+    # with distillation on as well: the same scores become md1's soft targets; and every question's rows are
+    # decided and given their texts by Ray Data flows (the corpus-scale path: a folder of parts, trained on as such)
     cfg = _cfg(small_data, "mining.denoise=relative", "mining.denoise_relative=0.5", "distill.kind=kl",
                "data.driver_max_examples=0")
     other = StageRunner(cfg, tmp_path / "run")
@@ -659,7 +660,9 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     # what the rule judged: the cross-encoder's probabilities, or their fusion where M_C failed its check
     fused = ce_fallback(other.dir("mc")) == "fused"
     scores = fused_md0_scores(other.ctx, list(raw), raw) if fused else raw
-    pool = read_json(other.dir("md1") / "hard_negative_pool.json")
+    # decided per question by Ray Data (the corpus-scale path): what denoising kept rides on the flow's rows
+    pool = read_pools(other.dir("md1") / "decided")
+    assert not (other.dir("md1") / "hard_negative_pool.json").exists()
     cands = _bm25_pool(run)
     gold = {q: next(iter(run.ctx.train_qrels[q])) for q in cands}
     assert all((q, g) in scores for q, g in gold.items())  # the positives were scored

@@ -290,6 +290,11 @@ def test_build_dual_examples_samples_hard_negatives(mini_data_dir):
             assert set(r["negative_ids"]) <= set(sorted(corpus)[:5])
     in_batch = build_dual_examples(data, corpus, qids, None, num_negatives=3, seed=1)
     assert all(r["negatives"] == [] and r["teacher_scores"] == [] for r in in_batch)
+    # a question's draws and place do not depend on the other questions built with it (per-question seeds, a
+    # hashed order): what lets a Ray Data step build rows group by group and sort them into the driver's order
+    part = build_dual_examples(data, corpus, qids[::-1][:7], hard, num_negatives=3, seed=1)
+    assert part == [r for r in rows if r["qid"] in set(qids[::-1][:7])]
+    assert build_dual_examples(data, corpus, qids, hard, num_negatives=3, seed=2) != rows
 
 
 def test_dual_examples_carry_the_teachers_scores_through_parquet(mini_data_dir, tmp_path):

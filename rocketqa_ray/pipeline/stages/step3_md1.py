@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rocketqa_ray.batch.pair_flow import read_pair_scores
 from rocketqa_ray.config import Config
+from rocketqa_ray.data.examples import order_key
 from rocketqa_ray.evaluation import has_answer
 from rocketqa_ray.io import write_json
 from rocketqa_ray.pipeline.checks import ce_fallback
@@ -13,20 +15,20 @@ from rocketqa_ray.pipeline.context import Context
 from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.shared import (
     EXAMPLES,
+    TRAIN_TOP,
     bm25_negatives,
-    candidate_ce_scores,
+    candidate_score_folder,
     dense_eval,
     dense_scores,
     dual_encoder_check,
-    dual_examples,
     gold_positive,
     heldout_eval,
     train_dual_encoder,
     train_top,
     training_summary,
 )
-from rocketqa_ray.rocketqa.denoise import DenoiseRule, answer_rates, denoise
-from rocketqa_ray.rocketqa.diagnostics import denoise_report
+from rocketqa_ray.rocketqa.denoise import DenoiseResult, DenoiseRule, answer_rates
+from rocketqa_ray.rocketqa.question_negatives import MiningPlan, Question, decide, stats_of
 from rocketqa_ray.types import PairScores, RankedIds
 
 # bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
@@ -38,62 +40,119 @@ SCORES = "denoise_scores.parquet"  # the scores denoising used (fused under the 
 def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult:
     m = cfg.mining
     train = ctx.splits.train
-    md0_top = {q: v[: m.denoise_top] for q, v in train_top(ctx, "md0").items()}
-    cands = md0_top
-    sources = {"md0": cands}
-    stats: dict = {}
-    if m.bm25_negatives:
-        lexical = bm25_negatives(ctx, train, m.bm25_negatives)
-        sources["bm25"] = lexical
-        cands = {q: list(dict.fromkeys(cands.get(q, []) + lexical.get(q, []))) for q in train}
-        stats["pool_per_question"] = round(sum(map(len, cands.values())) / max(1, len(cands)), 2)
     fallback = ce_fallback(ctx.stage_dir("mc")) if denoised else None
-    rule = DenoiseRule(m.denoise, m.denoise_threshold, m.denoise_relative, m.denoise_margin)
-    dropped: RankedIds = {}
-    scores: PairScores | None = None
-    if denoised and m.denoise != "none" and fallback != "skip":
-        pairs = [(q, p) for q, ps in cands.items() for p in ps]
+    scoring = denoised and m.denoise != "none" and fallback != "skip"
+    plan = MiningPlan(DenoiseRule(m.denoise, m.denoise_threshold, m.denoise_relative, m.denoise_margin)
+                      if scoring else None, m.denoise_top + m.bm25_negatives, cfg.dual.num_hard_negatives, m.seed,
+                      ("md0", "bm25") if m.bm25_negatives else ("md0",))
+    stats: dict = {}
+    lexical = bm25_negatives(ctx, train, m.bm25_negatives) if m.bm25_negatives else {}
+    scores: Path | None = None
+    if scoring:
         # the positive is scored too: the bar of a relative/margin rule, the teacher's score of the positive for
-        # distillation, and what lets bench/denoise_rules.py compare every rule on the same scores
-        gold = gold_positive(ctx, list(cands))
-        pairs += [(q, p) for q, p in gold.items()]
-        # md0's candidates are scored from its candidates folder, joined to their texts by Ray Data; only BM25's
+        # distillation, and what lets bench/denoise_rules.py compare every rule on the same scores. md0's
+        # candidates are scored from its candidates folder, joined to their texts by Ray Data; only BM25's
         # additions and the gold positives travel as ids from here
-        mined = {(q, p) for q, ps in md0_top.items() for p in ps}
-        extra = list(dict.fromkeys(pair for pair in pairs if pair not in mined))
-        scores = candidate_ce_scores(ctx, "md0", m.denoise_top, extra, list(cands), d / "denoise_scores")
+        gold = gold_positive(ctx, train)
+        mined = {(q, p) for q, ps in train_top(ctx, "md0").items() for p in ps[: m.denoise_top]} if lexical else set()
+        extra = list(dict.fromkeys([*((q, p) for q, ps in lexical.items() for p in ps if (q, p) not in mined),
+                                    *gold.items()]))
+        scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores")
         if fallback == "fused":  # the cross-encoder alone failed its check: its fusion with M_D0 and BM25 decides
-            scores = fused_md0_scores(ctx, pairs, scores)
+            raw = read_pair_scores(scores)
+            scores = write_scores(fused_md0_scores(ctx, list(raw), raw), gold, d / SCORES)
             stats["denoise_scores"] = "fused (cross-encoder check failed)"
-        positives = {q: scores[(q, p)] for q, p in gold.items()}
-        write_scores(scores, gold, d / SCORES)
-        if positives:
-            stats["positive_score_mean"] = round(sum(positives.values()) / len(positives), 4)
-        res = denoise(cands, scores, rule, m.denoise_top + m.bm25_negatives, positives)
-        pool, dropped = res.kept, res.dropped
-        stats.update(res.stats)
-        if ctx.data.has_answers(train):
-            texts = ctx.ptexts(p for part in (res.dropped, res.kept) for ps in part.values() for p in ps)
-            stats.update(answer_rates(res, {q: ctx.data.queries[q]["answers"] for q in train}, has_answer,
-                                      texts.__getitem__))
+    elif fallback == "skip" and m.denoise != "none":
+        stats["denoise_scores"] = "skipped (cross-encoder check failed)"
+    if len(train) > cfg.data.driver_max_examples:
+        examples, decided = decide_in_flow(ctx, plan, d, lexical, scores)
+        rows: list[dict] = []
     else:
-        pool = cands
-        if fallback == "skip" and m.denoise != "none":
-            stats["denoise_scores"] = "skipped (cross-encoder check failed)"
-    if ctx.known_positives is not None:  # diagnostic only: how many known false negatives denoising removed
-        stats["false_negatives"] = denoise_report(cands, dropped, ctx.known_positives, sources)
-    write_json(d / POOL, pool)
-    rows = dual_examples(ctx, train, pool, scores=scores)  # the scores: distillation's soft targets
+        rows, decided = decide_in_driver(ctx, plan, d, lexical, scores)
+        examples = None
+    stats.update(decided)
     init = ctx.stage_dir("md0") / "model" if cfg.dual.init == "previous" else None
-    model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init)
+    model_dir = train_dual_encoder(ctx, cfg, d, rows, init=init, before=[examples] if examples else ())
     metrics, index_dir = dense_eval(ctx, model_dir, d, d.name)
-    stats["train_questions"] = len(rows)
     stats.update(training_summary(d, [d / EXAMPLES], cfg))
     heldout = heldout_eval(ctx, model_dir, index_dir, d)
     stats.update(heldout)
     if denoised:
         stats.update(dual_encoder_check(ctx, d.name, "md0", heldout))
     return StageResult(metrics, stats)
+
+
+def decide_in_driver(ctx: Context, plan: MiningPlan, d: Path, lexical: RankedIds,
+                     scores: Path | None) -> tuple[list[dict], dict]:
+    """Every question's rows decided here (`rocketqa.question_negatives.decide`), for a set small enough to hold:
+    also writes the kept pools (d/POOL), the scores decided on (d/SCORES) and how often dropped and kept
+    negatives contain an answer string (data with answers)."""
+    train = ctx.splits.train
+    top = ctx.cfg.mining.denoise_top
+    md0 = {q: v[:top] for q, v in train_top(ctx, "md0").items()}
+    by_q: dict[str, dict[str, float]] = {}
+    if scores is not None:
+        for (q, p), v in read_pair_scores(scores).items():
+            by_q.setdefault(q, {})[p] = v
+    qrels, known = ctx.train_qrels, ctx.known_positives
+    pool, dropped, counts, rows = {}, {}, [], []
+    top_up = lazy_top_up(ctx)
+    for q in train:
+        if not qrels.get(q):
+            continue
+        sources = {name: v for name, v in (("md0", md0.get(q)), ("bm25", lexical.get(q))) if v}
+        x = Question(q, ctx.qtext(q), list(qrels[q]), sources, by_q.get(q, {}) if plan.rule is not None else None,
+                     set(known.get(q, {})) if known is not None else None)
+        res = decide(x, plan, top_up)
+        pool[q], dropped[q] = res.kept, res.dropped
+        counts.append(res.counts)
+        rows += res.rows
+    rows.sort(key=lambda r: order_key(plan.seed, r["qid"], r["positive_id"]))
+    stats = {**stats_of(counts, plan), "train_questions": len(rows)}
+    write_json(d / POOL, pool)
+    if scores is not None and scores.is_dir():  # the fused scores were written there already
+        gold = gold_positive(ctx, train)
+        write_scores({(q, p): v for q, ps in by_q.items() for p, v in ps.items()}, gold, d / SCORES)
+    if plan.rule is not None and ctx.data.has_answers(train):
+        texts = ctx.ptexts(p for part in (dropped, pool) for ps in part.values() for p in ps)
+        stats.update(answer_rates(DenoiseResult(pool, dropped), {q: ctx.data.queries[q]["answers"] for q in train},
+                                  has_answer, texts.__getitem__))
+    return rows, stats
+
+
+def decide_in_flow(ctx: Context, plan: MiningPlan, d: Path, lexical: RankedIds,
+                   scores: Path | None) -> tuple[Path, dict]:
+    """Every question's rows decided per question group by Ray Data (`batch.negatives_flow`) and given their texts
+    by the examples flow: the driver writes the questions (and BM25's candidates, known positives) as files."""
+    from rocketqa_ray.batch.examples_flow import examples_flow
+    from rocketqa_ray.batch.negatives_flow import negatives_flow, write_question_positives, write_ranked
+    from rocketqa_ray.data.passages import top_up_ids
+
+    train, qrels, known = ctx.splits.train, ctx.train_qrels, ctx.known_positives
+    inputs = d / "decide_inputs"
+    questions = write_question_positives([(q, ctx.qtext(q), list(qrels[q])) for q in train if qrels.get(q)],
+                                         inputs / "questions.parquet")
+    extra = [write_ranked(lexical, inputs / "bm25.parquet")] if "bm25" in plan.sources else []
+    known_file = write_ranked({q: list(v) for q, v in known.items()}, inputs / "known.parquet") \
+        if known is not None else None
+    ids, stats = negatives_flow(questions, ctx.stage_dir("md0") / TRAIN_TOP, ctx.cfg.mining.denoise_top, plan,
+                                d / "decided", top_up_ids(ctx.passages), scores=[scores] if scores else [],
+                                extra=extra, known=known_file, ray_cfg=ctx.cfg.ray)
+    return examples_flow(ids, ctx.corpus_store, d / EXAMPLES, ctx.cfg.ray), stats
+
+
+def lazy_top_up(ctx: Context):
+    """`data.passages.top_up_ids`, read on the first top-up only."""
+    from rocketqa_ray.data.passages import top_up_ids
+
+    ids: list[list[str]] = []
+
+    def get() -> list[str]:
+        if not ids:
+            ids.append(top_up_ids(ctx.passages))
+        return ids[0]
+
+    return get
 
 
 def write_scores(scores: PairScores, gold: dict[str, str], path: Path) -> Path:
