@@ -4,7 +4,7 @@ happens inside the Ray Data and Ray Train wrappers these call."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -259,10 +259,25 @@ def dual_examples(ctx: Context, qids: list[str], negatives: RankedIds | None,
 
     cfg = ctx.cfg
     return dual_id_rows(
-        ctx.data, ctx.passages.ids, qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
+        ctx.data, top_up_source(ctx), qids, negatives, cfg.dual.num_hard_negatives if negatives else 0,
         cfg.mining.seed, split=cfg.data.train_split,
         positives={q: {p: 1} for q, p in positives.items()} if positives is not None else None,
         queries={q: ctx.qtext(q) for q in qids} if positives is not None else None, scores=scores)
+
+
+def top_up_source(ctx: Context) -> Callable[[], list[str]]:
+    """The passages a question short of hard negatives is topped up from (`data.passages.top_up_ids`: bounded),
+    read on the first top-up only."""
+    from rocketqa_ray.data.passages import top_up_ids
+
+    ids: list[list[str]] = []
+
+    def get() -> list[str]:
+        if not ids:
+            ids.append(top_up_ids(ctx.passages))
+        return ids[0]
+
+    return get
 
 
 def gold_positive(ctx: Context, qids: list[str]) -> dict[str, str]:

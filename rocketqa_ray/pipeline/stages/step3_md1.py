@@ -23,6 +23,7 @@ from rocketqa_ray.pipeline.shared import (
     dual_encoder_check,
     gold_positive,
     heldout_eval,
+    top_up_source,
     train_dual_encoder,
     train_top,
     training_summary,
@@ -96,7 +97,7 @@ def decide_in_driver(ctx: Context, plan: MiningPlan, d: Path, lexical: RankedIds
             by_q.setdefault(q, {})[p] = v
     qrels, known = ctx.train_qrels, ctx.known_positives
     pool, dropped, counts, rows = {}, {}, [], []
-    top_up = lazy_top_up(ctx)
+    top_up = top_up_source(ctx)
     for q in train:
         if not qrels.get(q):
             continue
@@ -139,20 +140,6 @@ def decide_in_flow(ctx: Context, plan: MiningPlan, d: Path, lexical: RankedIds,
                                 d / "decided", top_up_ids(ctx.passages), scores=[scores] if scores else [],
                                 extra=extra, known=known_file, ray_cfg=ctx.cfg.ray)
     return examples_flow(ids, ctx.corpus_store, d / EXAMPLES, ctx.cfg.ray), stats
-
-
-def lazy_top_up(ctx: Context):
-    """`data.passages.top_up_ids`, read on the first top-up only."""
-    from rocketqa_ray.data.passages import top_up_ids
-
-    ids: list[list[str]] = []
-
-    def get() -> list[str]:
-        if not ids:
-            ids.append(top_up_ids(ctx.passages))
-        return ids[0]
-
-    return get
 
 
 def write_scores(scores: PairScores, gold: dict[str, str], path: Path) -> Path:
