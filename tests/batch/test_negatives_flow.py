@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rocketqa_ray.batch.corpus import ingest_corpus
 from rocketqa_ray.batch.examples_flow import examples_flow
 from rocketqa_ray.batch.negatives_flow import (
     negatives_flow,
@@ -32,11 +31,11 @@ TOP = 6
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(mini_store, tmp_path_factory):
     """200 training questions with 8 ranked candidates each (the first TOP scored), 2 BM25 candidates, known
     positives for some, and a few questions whose every candidate scores high (topped up from the corpus)."""
     root = tmp_path_factory.mktemp("negatives")
-    ingest_corpus(MINI / "corpus.jsonl", root / "store", chunk_mb=0.25)
+    (root / "store").symlink_to(mini_store)
     passages, data = Stored(root / "store"), load_beir(MINI)
     qrels = data.split("train")
     qids = sorted(qrels)[:200]

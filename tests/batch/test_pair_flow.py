@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rocketqa_ray.batch.corpus import ingest_corpus
 from rocketqa_ray.batch.pair_flow import explode_top, read_pair_scores, score_pair_files, write_pairs
 from rocketqa_ray.config import EncodeConfig
 from rocketqa_ray.data.beir import iter_corpus, load_queries, passage_text
@@ -30,13 +29,13 @@ def test_explode_top_keeps_ranks_and_short_lists():
 
 
 @pytest.fixture(scope="module")
-def setup(ray_session, tmp_path_factory):
+def setup(mini_store, tmp_path_factory):
     import torch
 
     root = tmp_path_factory.mktemp("flow")
     torch.manual_seed(0)
     ce = CrossEncoder.from_base("tiny", max_len=64).save(root / "ce")
-    ingest_corpus(MINI / "corpus.jsonl", root / "store", chunk_mb=0.25)
+    (root / "store").symlink_to(mini_store)  # the shared read-only store (tests/batch/conftest.py)
     corpus = {p["_id"]: passage_text(p["title"], p["text"]) for p in iter_corpus(MINI / "corpus.jsonl")}
     queries = {q: v["text"] for q, v in list(load_queries(MINI / "queries.jsonl").items())[:60]}
     pids = sorted(corpus)
