@@ -30,6 +30,9 @@ def _complete(out: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime for p in out.glob("*/_COMPLETE.json")}
 
 
+# two runs of the whole pipeline (to md1, then resumed to the end) and a third command: ~15 min on a busy 2-core
+# machine, over the suite's 900 s per test
+@pytest.mark.timeout(1800)
 def test_full_pipeline_resumes_after_interruption(tmp_path):
     out = tmp_path / "run"
     log1 = open(tmp_path / "first.log", "w")
