@@ -26,7 +26,7 @@ from rocketqa_ray.config import RayConfig
 from rocketqa_ray.data.examples import ID_SCHEMAS, ROW, order_key, parquet_files
 from rocketqa_ray.errors import DataError, as_user_error
 from rocketqa_ray.io import atomic_dir, atomic_path, write_json
-from rocketqa_ray.retrieval.candidates import SUCCESS
+from rocketqa_ray.retrieval.candidates import SUCCESS, parts
 from rocketqa_ray.rocketqa.question_negatives import MiningPlan, Question, add_counts, decide, stats_of
 
 log = logging.getLogger(__name__)
@@ -130,24 +130,24 @@ def negatives_flow(questions: str | Path, candidates: str | Path, top: int, plan
 
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
-    files = sorted(str(p) for p in Path(candidates).glob("part-*.parquet"))
+    files = [str(p) for p in parts(candidates)]
     if not files:
         raise DataError(f"{candidates}: no candidate parts; rerun the stage that mined them")
-    parts = [ray.data.read_parquet(str(questions)).map_batches(tagged, fn_kwargs={"tag": POSITIVE},
+    inputs = [ray.data.read_parquet(str(questions)).map_batches(tagged, fn_kwargs={"tag": POSITIVE},
                                                                 batch_format="pyarrow"),
              ray.data.read_parquet(files).select_columns(["qid", "pids"]).map_batches(
                  tagged, fn_kwargs={"tag": CANDIDATE, "src": 0, "top": int(top)}, batch_format="pyarrow")]
     for i, f in enumerate(extra, start=1):
-        parts.append(ray.data.read_parquet(str(f)).map_batches(tagged, fn_kwargs={"tag": CANDIDATE, "src": i},
+        inputs.append(ray.data.read_parquet(str(f)).map_batches(tagged, fn_kwargs={"tag": CANDIDATE, "src": i},
                                                                 batch_format="pyarrow"))
     for f in scores:
         score_files = [str(p) for p in parquet_files(f)]
-        parts.append(ray.data.read_parquet(score_files).select_columns(["qid", "pid", "score"]).map_batches(
+        inputs.append(ray.data.read_parquet(score_files).select_columns(["qid", "pid", "score"]).map_batches(
             tagged, fn_kwargs={"tag": SCORE}, batch_format="pyarrow"))
     if known is not None:
-        parts.append(ray.data.read_parquet(str(known)).map_batches(tagged, fn_kwargs={"tag": KNOWN},
+        inputs.append(ray.data.read_parquet(str(known)).map_batches(tagged, fn_kwargs={"tag": KNOWN},
                                                                     batch_format="pyarrow"))
-    union = parts[0].union(*parts[1:])
+    union = inputs[0].union(*inputs[1:])
     n_questions = pq.ParquetFile(questions).metadata.num_rows
     decided = union.groupby("qid", num_partitions=max(1, math.ceil(n_questions * 64 / ROWS_PER_PARTITION))) \
         .map_groups(decide_group, fn_kwargs={"plan": plan, "top_up": list(top_up), "with_known": known is not None},

@@ -11,6 +11,7 @@ and shuffling keeps them together.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -74,13 +75,7 @@ def dual_id_rows(
     ({(qid, pid): probability}) each row carries them as `teacher_scores` (None where a passage is unscored).
     """
     qrels = positives if positives is not None else data.split(split)
-    ids: list[Sequence[str]] = []  # read once, and only if a top-up draws from them
-
-    def corpus() -> Sequence[str]:
-        if not ids:
-            ids.append(corpus_ids())
-        return ids[0]
-
+    corpus = functools.cache(corpus_ids)  # read once, and only if a top-up draws from them
     rows = []
     for qid in qids:
         pos = sorted(qrels.get(qid, {}))  # qrels, pseudo-labels and mined pools name corpus passages only
@@ -108,10 +103,10 @@ def question_rows(qid: str, query: str, positives: list[str], pool: Sequence[str
     rng = random.Random(f"{seed}\x1f{qid}")  # a str seed is hashed with SHA-512: the same in every process
     pos_set = set(positives)
     rows = []
+    cands = list(dict.fromkeys(p for p in pool if p not in pos_set)) if pool is not None else []
     for pid in positives:
         neg_ids: list[str] = []
         if pool is not None and num_negatives > 0:
-            cands = list(dict.fromkeys(p for p in pool if p not in pos_set))
             neg_ids = rng.sample(cands, min(num_negatives, len(cands)))
             taken = set(neg_ids)
             all_pids = corpus_ids() if len(neg_ids) < num_negatives else ()

@@ -4,6 +4,7 @@ happens inside the Ray Data and Ray Train wrappers these call."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -270,14 +271,7 @@ def top_up_source(ctx: Context) -> Callable[[], list[str]]:
     read on the first top-up only."""
     from rocketqa_ray.data.passages import top_up_ids
 
-    ids: list[list[str]] = []
-
-    def get() -> list[str]:
-        if not ids:
-            ids.append(top_up_ids(ctx.passages))
-        return ids[0]
-
-    return get
+    return functools.cache(functools.partial(top_up_ids, ctx.passages))
 
 
 def gold_positive(ctx: Context, qids: list[str]) -> dict[str, str]:
