@@ -445,7 +445,9 @@ def test_mc_platt_fit_is_the_maximum_likelihood(run):
     w, b = fit_logistic(((logits - m) / sd)[:, None], labels)
     best = _bce(logits, labels, w[0] / sd, b - w[0] * m / sd)
     assert _bce(logits, labels, s["platt_a"], s["platt_b"]) <= best + 1e-5
-    assert s["calib_mean_prob_pos"] > s["calib_mean_prob_neg"]
+    # a maximum-likelihood fit never ranks the classes the wrong way round; they tie when the tiny random
+    # cross-encoder's logits carry no signal after its 4 steps (a ~ 0, every probability the base rate)
+    assert s["calib_mean_prob_pos"] >= s["calib_mean_prob_neg"]
 
 
 def _assert_reranks(run: StageRunner, stage: str, reranker: str) -> None:
