@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 
-DATA_MINI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "squad-mini")
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_STAGES = ("bm25", "md0", "mc")
+DATA_MINI = str(ROOT / "data" / "squad-mini")
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +45,35 @@ def tiny_model_dir():
 @pytest.fixture(scope="session")
 def mini_data_dir():
     return DATA_MINI
+
+
+@dataclass(frozen=True)
+class FirstStages:
+    """A finished `jobs/pipeline.py --stages bm25,md0,mc` run: its process, RUN_DIR, and what its logs held when it
+    ended (read right away: later runs in the same RUN_DIR append to them)."""
+
+    stages: tuple[str, ...]
+    res: subprocess.CompletedProcess
+    out: Path
+    console_log: str
+    debug_log: str
+    progress: dict
+
+
+@pytest.fixture(scope="session")
+def first_stages(tmp_path_factory) -> FirstStages:
+    """The tiny pipeline's first stages (BM25, M_D0 on Ray Train with Ray Data and FAISS, M_C with the pair flow),
+    run as a user runs them, in a subprocess with its own Ray cluster. The console tests read its terminal and
+    logs; test_pipeline_e2e goes on in the same RUN_DIR (the whole pipeline, interrupted in md1, then resumed),
+    so the suite runs these stages once, not once per test."""
+    from rocketqa_ray.testing.env import subprocess_env
+
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out),
+                          "--stages", ",".join(FIRST_STAGES)], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=900)
+    logs = out / "logs"
+    progress = out / "md0" / "train_progress.json"
+    return FirstStages(FIRST_STAGES, res, out, (logs / "console.log").read_text() if (logs / "console.log").exists() else "",
+                       (logs / "debug.log").read_text() if (logs / "debug.log").exists() else "",
+                       json.loads(progress.read_text()) if progress.exists() else {})

@@ -1,7 +1,8 @@
 """End-to-end: the whole pipeline with the `tiny` preset, for real (Ray Train, Ray Data, FAISS, tiny BERT).
 
 Runs in subprocesses, as a user would, each with its own private Ray cluster; an interruption is
-simulated by killing the driver's whole process group in the middle of a stage.
+simulated by killing the driver's whole process group in the middle of a stage. It goes on from the session's
+`first_stages` run (bm25, md0, mc: the console tests read that run), so those stages run once per suite.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ def _complete(out: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime for p in out.glob("*/_COMPLETE.json")}
 
 
-# two runs of the whole pipeline (to md1, then resumed to the end) and a third command: ~15 min on a busy 2-core
-# machine, over the suite's 900 s per test
+# the first stages, the whole pipeline to md1, then resumed to the end, and a third command: minutes on a busy
+# 2-core machine, which can pass the suite's 900 s per test
 @pytest.mark.timeout(1800)
-def test_full_pipeline_resumes_after_interruption(tmp_path):
-    out = tmp_path / "run"
+def test_full_pipeline_resumes_after_interruption(first_stages, tmp_path):
+    assert first_stages.res.returncode == 0, first_stages.res.stderr[-3000:]
+    out = first_stages.out
     log1 = open(tmp_path / "first.log", "w")
-    # 1) start, and kill the whole process group once md1 is underway (md0 and mc complete)
+    # 1) the whole pipeline in the RUN_DIR of the first stages (they are skipped), killed (its whole process group)
+    #    once md1 is underway
     proc = subprocess.Popen(_pipeline_cmd(out), cwd=ROOT, env=subprocess_env(), stdout=log1, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -51,6 +54,7 @@ def test_full_pipeline_resumes_after_interruption(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert "stage md0: already complete" in (tmp_path / "first.log").read_text()
     done_before = _complete(out)
     assert {"bm25", "zero_shot", "md0", "mc"} <= set(done_before)
     assert "md2" not in done_before and "md2_rerank" not in done_before
