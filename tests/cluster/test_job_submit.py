@@ -14,11 +14,11 @@ import pytest
 import yaml
 from local_cluster import REPO, VENV_BIN, LocalCluster, free_ports
 
-# Every stage of the pipeline; the tiny preset runs them all for real in a few minutes on 2 cores.
-# The whole pipeline runs end to end in test_pipeline_e2e; through `ray job submit` the first Ray stages
-# (Ray Data encoding, Ray Train, FAISS) prove the job path, and serving a RUN_DIR without a cross-encoder
-# is covered on the way, while CI stays short.
-ALL_STAGES = "bm25,zero_shot,md0"
+# The whole pipeline runs end to end in test_pipeline_e2e, and Ray Train through `ray job submit` in
+# tests/cluster/test_cluster.py (md0 across two nodes); here the first stages (Ray Data ingest and encoding, FAISS)
+# prove the job path from an uploaded working_dir, and serving a RUN_DIR without a cross-encoder is covered on the
+# way, while CI stays short.
+ALL_STAGES = "bm25,zero_shot"
 METRICS = ("mrr@10", "recall@5", "recall@20", "recall@100", "ndcg@10", "answer_acc@20")
 
 
@@ -48,8 +48,8 @@ def test_pipeline_through_ray_job_submit(tmp_path):
         for stage in ALL_STAGES.split(","):
             assert re.search(rf"stage {stage}: starting", logs), f"no start line for {stage}"
             assert re.search(rf"stage {stage}: done in", logs), f"no done line for {stage}"
-        # Ray's and the workers' chatter (per-step and per-shard lines) goes to RUN_DIR/logs, not the job's console.
-        assert re.search(r"md0 step \d+/\d+", (out / "logs" / "console.log").read_text()), "no training progress lines"
+        # Ray's and the workers' chatter (per-shard lines) goes to RUN_DIR/logs, not the job's console.
+        assert not re.search(r"encode: shard \d+ done", logs)
         assert re.search(r"encode: shard \d+ done", (out / "logs" / "debug.log").read_text()), "no encoding progress lines"
 
         # The README's next step: `serve deploy` the run on the same cluster, then query it.
@@ -62,7 +62,7 @@ def test_pipeline_through_ray_job_submit(tmp_path):
     for stage in ALL_STAGES.split(","):
         assert set(METRICS) <= set(report["stages"][stage]), (stage, report["stages"][stage])
         assert all(0.0 <= report["stages"][stage][m] <= 1.0 for m in METRICS)
-    assert (out / "report.md").exists() and (out / "md0" / "model" / "config.json").exists()
+    assert (out / "report.md").exists() and (out / "zero_shot" / "model" / "config.json").exists()
 
 
 def _serve_deploy_and_search(cluster: LocalCluster, run_dir, tmp_path) -> None:
