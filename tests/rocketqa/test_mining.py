@@ -52,6 +52,35 @@ def test_pseudo_labels_thresholds_and_precision():
     assert pl.stats["gold_in_candidates"] == round(2 / 3, 4)
 
 
+def test_pseudo_labels_question_by_question_add_up_to_the_all_at_once_labels():
+    """Labelling each question from its own data (what a Ray Data group does) and summing the counts in any
+    grouping gives `pseudo_label`'s labels and stats over all of them."""
+    import random
+
+    from rocketqa_ray.rocketqa.pseudo_label import label_question, pseudo_stats
+
+    rng = random.Random(3)
+    pids = [f"p{i}" for i in range(40)]
+    cands = {f"q{i}": rng.sample(pids, rng.randint(0, 6)) for i in range(60)}
+    scores = {(q, p): rng.random() for q, ps in cands.items() for p in ps}
+    hidden = {q: {rng.choice(pids): 1} for q in list(cands)[::2]}  # half the questions have held-back labels
+    whole = pseudo_label(cands, scores, 0.7, 0.3, hidden_gold=hidden)
+    qids = list(cands)
+    rng.shuffle(qids)
+    total: dict = {}
+    for part in (qids[:10], qids[10:35], qids[35:]):
+        group: dict = {}
+        for q in part:
+            res = label_question(cands[q], {p: scores[(q, p)] for p in cands[q]}, 0.7, 0.3, hidden.get(q))
+            assert (res.positive, res.negatives) == (whole.positives.get(q), whole.negatives.get(q, []))
+            for k, v in res.counts.items():
+                group[k] = group.get(k, 0) + v
+        for k, v in group.items():
+            total[k] = total.get(k, 0) + v
+    assert pseudo_stats(total, 0.7, 0.3, with_hidden=True) == whole.stats
+    assert 0 < whole.stats["labelled"] < len(cands) and whole.stats["precision"] is not None
+
+
 def test_rerank_reorders_head_and_keeps_tail():
     ranked = {"q": [("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6)]}
     scores = {("q", "a"): 0.1, ("q", "b"): 0.9, ("q", "c"): 0.5}
