@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,14 +65,15 @@ def first_stages(tmp_path_factory) -> FirstStages:
     run as a user runs them, in a subprocess with its own Ray cluster. The console tests read its terminal and
     logs; test_pipeline_e2e goes on in the same RUN_DIR (the whole pipeline, interrupted in md1, then resumed),
     so the suite runs these stages once, not once per test."""
-    from rocketqa_ray.testing.env import subprocess_env
+    from rocketqa_ray.testing.env import subprocess_env, tiny_pipeline_cmd
 
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out),
-                          "--stages", ",".join(FIRST_STAGES)], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                         text=True, timeout=900)
-    logs = out / "logs"
-    progress = out / "md0" / "train_progress.json"
-    return FirstStages(FIRST_STAGES, res, out, (logs / "console.log").read_text() if (logs / "console.log").exists() else "",
-                       (logs / "debug.log").read_text() if (logs / "debug.log").exists() else "",
-                       json.loads(progress.read_text()) if progress.exists() else {})
+    res = subprocess.run(tiny_pipeline_cmd(out, "--stages", ",".join(FIRST_STAGES)), cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=900)
+
+    def text(path: Path) -> str:  # what a failed run left (the tests then show its stderr)
+        return path.read_text() if path.exists() else ""
+
+    progress = text(out / "md0" / "train_progress.json")
+    return FirstStages(FIRST_STAGES, res, out, text(out / "logs" / "console.log"), text(out / "logs" / "debug.log"),
+                       json.loads(progress) if progress else {})

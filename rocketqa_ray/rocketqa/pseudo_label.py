@@ -1,7 +1,7 @@
 """Pseudo-labelling unlabelled questions with the cross-encoder (RocketQA step 4; Ray-free).
 
 One question is labelled from its own candidates and scores alone (`label_question`), and what it adds to the
-stage's stats comes back as counts that add up over questions (`PSEUDO_COUNTS`, `pseudo_stats`): so the same rule
+stage's stats comes back as counts that add up over questions (summed into the stats by `pseudo_stats`): so the same rule
 can label a bounded set in one process (`pseudo_label`) or each question group of a Ray Data flow, with the same
 labels and stats.
 """
@@ -12,9 +12,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from rocketqa_ray.types import PairScores, Qrels, RankedIds
-
-# What one question adds to the stats; `judged`, `correct` and `gold_in_candidates` only with hidden labels.
-PSEUDO_COUNTS = ("questions", "labelled", "negatives", "judged", "correct", "gold_in_candidates")
 
 
 @dataclass
@@ -35,7 +32,8 @@ def label_question(candidates: Sequence[str], scores: dict[str, float], pos_thre
                    neg_threshold: float, hidden: Iterable[str] | None = None) -> QuestionLabel:
     """The best-scored candidate is the question's positive when its score exceeds `pos_threshold`; then the
     candidates scored below `neg_threshold` are its negatives. `hidden`: the question's held-back labels, when it
-    has them (diagnostic: precision of the positive, and whether a label was among the candidates at all)."""
+    has them (diagnostic: precision of the positive, and whether a label was among the candidates at all).
+    Counts: questions, labelled, negatives; with `hidden` also judged, correct, gold_in_candidates."""
     counts = {"questions": 1, "labelled": 0, "negatives": 0}
     positive, negatives = None, []
     if candidates:

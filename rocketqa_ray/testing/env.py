@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -13,3 +17,9 @@ def subprocess_env() -> dict[str, str]:
                RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def tiny_pipeline_cmd(out: str | Path, *extra: str) -> list[str]:
+    """The command a user runs for the tiny pipeline into RUN_DIR `out` (this checkout's `jobs/pipeline.py`, this
+    interpreter), with `extra` arguments."""
+    return [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out), *extra]

@@ -8,20 +8,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from rocketqa_ray.testing.env import subprocess_env
+from rocketqa_ray.testing.env import subprocess_env, tiny_pipeline_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def _pipeline(out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out),
-                           *extra], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(tiny_pipeline_cmd(out, *extra), cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_console_shows_stage_lines_and_little_else(first_stages):

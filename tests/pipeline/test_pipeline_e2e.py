@@ -11,20 +11,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from rocketqa_ray.testing.env import subprocess_env
+from rocketqa_ray.testing.env import subprocess_env, tiny_pipeline_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _pipeline_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--preset", "tiny", "--out", str(out), *extra]
 
 
 def _complete(out: Path) -> dict[str, float]:
@@ -40,7 +35,7 @@ def test_full_pipeline_resumes_after_interruption(first_stages, tmp_path):
     log1 = open(tmp_path / "first.log", "w")
     # 1) the whole pipeline in the RUN_DIR of the first stages (they are skipped), killed (its whole process group)
     #    once md1 is underway
-    proc = subprocess.Popen(_pipeline_cmd(out), cwd=ROOT, env=subprocess_env(), stdout=log1, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(tiny_pipeline_cmd(out), cwd=ROOT, env=subprocess_env(), stdout=log1, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 600
     try:
@@ -60,7 +55,7 @@ def test_full_pipeline_resumes_after_interruption(first_stages, tmp_path):
     assert "md2" not in done_before and "md2_rerank" not in done_before
 
     # 2) the same command resumes: completed stages are skipped, the rest runs to the end
-    res = subprocess.run(_pipeline_cmd(out), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    res = subprocess.run(tiny_pipeline_cmd(out), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     done_after = _complete(out)
     for stage, mtime in done_before.items():
@@ -87,14 +82,14 @@ def test_full_pipeline_resumes_after_interruption(first_stages, tmp_path):
     assert CrossEncoder(str(out / "mc" / "model"), device="cpu").predict([("q", "p")]).shape == (1,)
 
     # 3) a changed config for a completed stage is reported, not silently mixed
-    res = subprocess.run(_pipeline_cmd(out, "--set", "dual.lr=0.5"), cwd=ROOT, env=subprocess_env(),
+    res = subprocess.run(tiny_pipeline_cmd(out, "--set", "dual.lr=0.5"), cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "different config" in res.stderr and "dual.lr" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_pipeline_bad_config_is_one_line(tmp_path):
-    res = subprocess.run(_pipeline_cmd(tmp_path / "r", "--set", "dual.nope=1"), cwd=ROOT, env=subprocess_env(),
+    res = subprocess.run(tiny_pipeline_cmd(tmp_path / "r", "--set", "dual.nope=1"), cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "unknown config key 'dual.nope'" in res.stderr and "valid keys" in res.stderr
