@@ -14,6 +14,9 @@ distributed path, one phase after another:
     examples  step 3's rows: every question's scored candidates and gold grouped by Ray Data, denoised (threshold)
             and 4 negatives drawn per question (`batch.negatives_flow`), then given their texts by the examples
             flow (Ray Data joins and a groupby) -> Parquet in training order
+    pseudo  step 4's rows: the same questions taken as unlabelled, their scored candidates and hidden labels grouped
+            by Ray Data and pseudo-labelled per question (`batch.pseudo_flow`), given their texts by the
+            examples flow -> Parquet in training order
 
 Each size runs in a fresh process with its own Ray cluster. Reported per phase: wall time, the driver's peak RSS
 during the phase (sampled every 50 ms), and the peak RSS of each worker kind (from the workers themselves).
@@ -45,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SQUAD = ROOT.parent / "shared" / "data" / "squad" / "corpus.jsonl"
-PHASES = ("ingest", "encode", "index", "mine", "bm25", "score", "examples")
+PHASES = ("ingest", "encode", "index", "mine", "bm25", "score", "examples", "pseudo")
 
 
 def sentences() -> list[str]:
@@ -189,7 +192,21 @@ def child(args: argparse.Namespace) -> None:
         return {"rows": json.loads((folder / "_SUCCESS.json").read_text())["rows"], "scored": stats["scored"],
                 "dropped": stats["dropped"]}
 
-    for name, fn in zip(PHASES, (ingest, encode, index, mine, bm25, score, examples)):
+    def pseudo():
+        # what pipeline step 4 does above data.driver_max_examples unlabelled questions (md2's label_in_flow); the
+        # thresholds label every question (the tiny cross-encoder is untrained), so every question has rows
+        from rocketqa_ray.batch.examples_flow import examples_flow
+        from rocketqa_ray.batch.pseudo_flow import PseudoPlan, pseudo_flow, write_pseudo_questions
+        from rocketqa_ray.data.passages import Stored, top_up_ids
+
+        qfile = write_pseudo_questions([(q, t, [g]) for q, t, g in questions], work / "pseudo_questions.parquet")
+        ids, stats = pseudo_flow(qfile, work / "cands", args.score_top, work / "scores",
+                                 PseudoPlan(0.0, 1.0, 4, seed=0), work / "pseudo", top_up_ids(Stored(work / "store")))
+        folder = examples_flow(ids, work / "store", work / "pseudo_examples")
+        return {"rows": json.loads((folder / "_SUCCESS.json").read_text())["rows"], "labelled": stats["labelled"],
+                "precision": stats["precision"]}
+
+    for name, fn in zip(PHASES, (ingest, encode, index, mine, bm25, score, examples, pseudo)):
         phase(name, fn)
     out["driver_peak_rss_mb"] = max(p["driver_peak_rss_mb"] for p in out["phases"].values())
     print(json.dumps(out))

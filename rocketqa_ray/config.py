@@ -53,8 +53,9 @@ class DataConfig:
     seed: int = setting(0, help="seed of the held-out splits")
     corpus_chunk_mb: float = setting(64.0, gt=0, help="bytes of corpus file each Ray task reads and validates into "
                                      "one Parquet part (RUN_DIR/corpus)")
-    driver_max_examples: int = setting(4096, ge=0, help="training example sets up to this many rows get their "
-                                       "passages' texts in the driver; larger ones from the Ray Data examples flow")
+    driver_max_examples: int = setting(4096, ge=0, help="training example sets up to this many rows (step 3's "
+                                       "questions, step 4's unlabelled questions) are decided and get their "
+                                       "passages' texts in the driver; larger ones in Ray Data flows (the same rows)")
 
 
 @dataclass
@@ -140,6 +141,8 @@ class CrossConfig(EarlyStopConfig):
                               "bce: pointwise; listwise+bce: both")
     calibration_fraction: float = setting(0.1, ge=0, lt=1, help="question groups held out of training to calibrate scores "
                                           "into probabilities (Platt scaling); 0 = raw sigmoid scores")
+    max_calibration_groups: int = setting(5000, ge=1, help="at most this many of the held-out groups (the first, "
+                                          "by a seeded shuffle) calibrate and fit the fusion: both run in the driver")
     fusion: bool = setting(True, help="fit a logistic fusion of the calibrated score with the retriever's score "
                            "on the held-out groups; reranking and pseudo-labels use it")
     fallback: CeFallback = setting("fused", help="when the cross-encoder alone is no better than M_D0 on held-out "

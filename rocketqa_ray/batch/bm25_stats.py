@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from rocketqa_ray.data import corpus_store
 from rocketqa_ray.data.beir import passage_text
 from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_path, write_json
-from rocketqa_ray.retrieval.bm25_stats import META, TERMS, CorpusStats, Tokenizer
+from rocketqa_ray.retrieval.bm25_stats import META, TERMS, CorpusStats, PairScorer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,31 @@ def count_corpus_stats(store_dir: str | Path, stem: bool, out_dir: str | Path, r
     write_json(out / META, {"stem": stem, "n_docs": n_docs, "total_len": total_len, "terms": n_terms})
     log.info("bm25 statistics: %d passages, %d terms in %.1f s -> %s", n_docs, n_terms, time.perf_counter() - t0, out)
     return CorpusStats.load(out)
+
+
+@dataclass(frozen=True)
+class BM25Feature:
+    """Where a flow finds the corpus's BM25 statistics (`count_corpus_stats`' folder) and the BM25 parameters."""
+
+    stats_dir: str
+    k1: float
+    b: float
+
+
+class PairBM25:
+    """map_batches over joined pairs {query, passage, ...} -> the same rows plus `bm25` (float32): each pair's BM25
+    from the corpus statistics, loaded once per actor (`retrieval.bm25_stats.PairScorer`, O(pair) each)."""
+
+    def __init__(self, feature: BM25Feature):
+        self.scorer = PairScorer(CorpusStats.load(feature.stats_dir), feature.k1, feature.b)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        queries = batch.column("query").to_pylist()
+        passages = batch.column("passage").to_pylist()
+        rows: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            rows.setdefault(q, []).append(i)
+        out = np.zeros(len(queries), dtype=np.float32)
+        for q, idx in rows.items():  # a question's passages scored together, as PairScorer.score_pairs does
+            out[idx] = self.scorer.score(q, [passages[i] for i in idx])
+        return batch.append_column("bm25", pa.array(out, pa.float32()))

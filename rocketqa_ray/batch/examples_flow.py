@@ -13,6 +13,7 @@ import math
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -24,6 +25,7 @@ from rocketqa_ray.data.examples import (
     ROW,
     as_schema,
     assemble_example,
+    cross_id_row,
     example_kind,
     id_slots,
     id_table,
@@ -48,6 +50,17 @@ def write_id_rows(rows: list[dict], path: str | Path) -> Path:
     with atomic_path(path, suffix=".parquet") as tmp:
         pq.write_table(id_table(rows, kind).replace_schema_metadata({SLOTS_KEY: str(slots).encode()}), tmp)
     return Path(path)
+
+
+def cross_id_parts(dual_ids: str | Path, out_dir: str | Path) -> Path:
+    """A folder of dual id rows (e.g. `batch.negatives_flow`'s) as cross-encoder groups (`data.examples.cross_id_row`),
+    part by part (one part in memory at a time), atomically; the rows keep their `row`, so their order."""
+    with atomic_dir(out_dir) as tmp:
+        for f in parquet_files(dual_ids):
+            rows = [cross_id_row(r) for r in pq.read_table(f, columns=ID_SCHEMAS["dual"].names).to_pylist()]
+            if rows:
+                pq.write_table(pa.Table.from_pylist(rows, schema=ID_SCHEMAS["cross"]), Path(tmp) / f.name)
+    return Path(out_dir)
 
 
 def id_counts(files: list[Path]) -> tuple[int, int, str]:

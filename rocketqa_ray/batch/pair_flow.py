@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rocketqa_ray.batch.bm25_stats import BM25Feature, PairBM25
 from rocketqa_ray.batch.score import ScorerActor
 from rocketqa_ray.config import EncodeConfig, RayConfig
 from rocketqa_ray.data import corpus_store
@@ -32,13 +33,17 @@ ROWS_PER_PARTITION = 200_000  # joined pairs per hash partition of the joins (a 
 
 
 def explode_top(batch: pa.Table, top: int) -> pa.Table:
-    """Candidate rows {qid, pids} -> one row per (qid, pid) of the first `top` pids, with its rank."""
+    """Candidate rows {qid, pids[, scores]} -> one row per (qid, pid) of the first `top` pids, with its rank (and
+    its score, when the rows have them)."""
     pids = pc.list_slice(batch.column("pids").combine_chunks(), 0, top)
     lengths = pc.list_value_length(pids).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     parents = np.repeat(np.arange(len(lengths)), lengths)
     ranks = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return pa.table({"qid": pc.take(batch.column("qid"), pa.array(parents)), "pid": pc.list_flatten(pids),
-                     "rank": pa.array(ranks, pa.int64())})
+    out = {"qid": pc.take(batch.column("qid"), pa.array(parents)), "pid": pc.list_flatten(pids),
+           "rank": pa.array(ranks, pa.int64())}
+    if "scores" in batch.column_names:
+        out["scores"] = pc.list_flatten(pc.list_slice(batch.column("scores").combine_chunks(), 0, top))
+    return pa.table(out)
 
 
 def passages_of(batch: pa.Table) -> pa.Table:
@@ -64,11 +69,13 @@ def write_questions(qids: list[str], texts: list[str], path: str | Path) -> Path
 
 def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: str | Path, out_dir: str | Path,
                      cfg: EncodeConfig, candidates: str | Path | None = None, top: int = 0,
-                     extra: str | Path | None = None, ray_cfg: RayConfig | None = None) -> Path:
+                     extra: str | Path | None = None, ray_cfg: RayConfig | None = None,
+                     bm25: BM25Feature | None = None) -> Path:
     """Score the top `top` candidates of every question in `candidates` plus the pairs in `extra` (rank -1) with the
     cross-encoder in `model_dir`; `questions` is a Parquet file (qid, query). Output `out_dir`: Parquet parts
     (qid, pid, rank, score) in no particular order, then `_SUCCESS.json` with the number of pairs; a folder that
-    has it is returned as is (rerun = the same job)."""
+    has it is returned as is (rerun = the same job). With `bm25`, each pair's BM25 score too (column `bm25`, from
+    the corpus statistics, while the pair has its texts: the fusion's lexical feature without a second join)."""
     import ray
 
     from rocketqa_ray.batch.encode import resolve_model_dir
@@ -80,7 +87,8 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
     cand_record = read_json_if_valid(Path(candidates) / SUCCESS) if candidates else None
     job = {"task": "score_pairs", "model_fingerprint": model_fingerprint(model_dir), "top": int(top),
            "candidates": str(candidates) if candidates else None, "candidates_job": cand_record,
-           "extra": describe_file(extra) if extra else None, "questions": describe_file(questions)}
+           "extra": describe_file(extra) if extra else None, "questions": describe_file(questions),
+           "bm25": [bm25.stats_dir, bm25.k1, bm25.b] if bm25 else None}
     done = read_json_if_valid(out / SUCCESS)
     if isinstance(done, dict) and done.get("job") == job:
         return out
@@ -114,6 +122,9 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
     # a join's output is one block per partition (one for all but huge inputs): split into a few blocks per actor so
     # every actor of the pool scores (one-thread actors: one block left a 2-core machine half idle), streaming
     joined = joined.repartition(target_num_rows_per_block=max(cfg.batch_size, math.ceil(n_pairs / (4 * actors))))
+    if bm25 is not None:  # a light actor: the statistics (the vocabulary's document frequencies) load once each
+        joined = joined.map_batches(PairBM25, fn_constructor_kwargs={"feature": bm25}, batch_format="pyarrow",
+                                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.25)
     kwargs = {"model_dir": str(model_dir), "batch_size": cfg.batch_size, "bf16": cfg.bf16,
               "cpus": cfg.cpus_per_actor, "gpus": cfg.gpus_per_actor}
     scored = joined.rename_columns({"rank": "row"}).map_batches(

@@ -24,7 +24,8 @@ PAIR_COLUMNS = ["qid", "pid", "query", "passage"]
 
 
 class ScorerActor:
-    """Row batches {row, qid, pid, query, passage} -> {row, qid, pid, score}; one cross-encoder per actor."""
+    """Row batches {row, qid, pid, query, passage[, bm25]} -> {row, qid, pid, score[, bm25]}; one cross-encoder per
+    actor."""
 
     def __init__(self, model_dir: str, batch_size: int, bf16: str, cpus: float, gpus: float):
         import torch
@@ -44,8 +45,11 @@ class ScorerActor:
         qs = [str(t) for t in batch["query"]]
         ps = [str(t) for t in batch["passage"]]
         scores = self.model.score(qs, ps, self.batch_size, self.bf16, self.device)
-        return {"row": np.asarray(batch["row"], dtype=np.int64), "qid": batch["qid"], "pid": batch["pid"],
-                "score": scores.astype(np.float32)}
+        out = {"row": np.asarray(batch["row"], dtype=np.int64), "qid": batch["qid"], "pid": batch["pid"],
+               "score": scores.astype(np.float32)}
+        if "bm25" in batch:  # computed upstream in the same flow (`batch.bm25_stats.PairBM25`)
+            out["bm25"] = np.asarray(batch["bm25"], dtype=np.float32)
+        return out
 
 
 def iter_pairs(source: str | Path | Iterable[dict]) -> Iterator[dict]:

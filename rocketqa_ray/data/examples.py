@@ -150,6 +150,14 @@ def cross_id_groups(queries: dict[str, str], positives: dict[str, str], negative
     return rows
 
 
+def cross_id_row(dual: Mapping) -> dict:
+    """A dual id row (a positive and its drawn negatives) as a cross-encoder group of ids: the positive first,
+    labelled 1, the negatives 0 (its `row` kept)."""
+    out = {"qid": dual["qid"], "query": dual["query"], "pids": [dual["positive_id"], *dual["negative_ids"]],
+           "labels": [1.0] + [0.0] * len(dual["negative_ids"])}
+    return {ROW: dual[ROW], **out} if ROW in dual else out
+
+
 def example_kind(row: Mapping) -> str:
     """"dual" or "cross", from an example row's (or id row's) columns."""
     return "cross" if "labels" in row else "dual"

@@ -151,6 +151,14 @@ class Context:
             self._pairs = PairScorer(stats, b.k1, b.b)
         return self._pairs
 
+    def bm25_stats_dir(self) -> Path:
+        """RUN_DIR/bm25_stats with the corpus's statistics in it (counted there on first use, as `bm25_pairs` does):
+        what the Ray Data flows that score BM25 per pair read."""
+        from rocketqa_ray.retrieval.bm25_stats import STATS_DIR
+
+        _ = self.bm25_pairs  # counts or checks the statistics
+        return self.run_dir / STATS_DIR
+
     def bm25_scores(self, pairs: list[tuple[str, str]]) -> PairScores:
         q = {qid: self.qtext(qid) for qid, _ in pairs}
         texts = self.ptexts(p for _, p in pairs)

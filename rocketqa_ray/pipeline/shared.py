@@ -280,9 +280,10 @@ def gold_positive(ctx: Context, qids: list[str]) -> dict[str, str]:
     return {q: next(iter(qrels[q])) for q in qids}
 
 
-def train_top(ctx: Context, stage: str = "md0") -> RankedIds:
-    """The stage's top-k for the labelled training questions, gold excluded (hard-negative candidates)."""
-    return {q: [p for p, _ in hits] for q, hits in read_hits(ctx.stage_dir(stage) / TRAIN_TOP).items()}
+def train_top(ctx: Context, stage: str = "md0", qids: Sequence[str] | None = None) -> RankedIds:
+    """The stage's top-k for the labelled training questions (or only `qids`), gold excluded (hard-negative
+    candidates)."""
+    return {q: [p for p, _ in hits] for q, hits in read_hits(ctx.stage_dir(stage) / TRAIN_TOP, qids).items()}
 
 
 def fusion(ctx: Context) -> Fusion | None:

@@ -8,7 +8,7 @@ question is in exactly one part. Ray-free: `batch.search` writes them from its s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +97,16 @@ def iter_tables(folder: str | Path) -> Iterator[pa.Table]:
                             "the stage") from None
 
 
-def read_hits(folder: str | Path) -> RankedHits:
-    """{qid: [(pid, score), ...]} for a bounded set of questions (test, dev): the whole folder in memory."""
+def read_hits(folder: str | Path, qids: Collection[str] | None = None) -> RankedHits:
+    """{qid: [(pid, score), ...]} for a bounded set of questions (test, dev): the whole folder in memory, or only
+    the questions in `qids` (read part by part)."""
+    import pyarrow.compute as pc
+
+    keep = pa.array(sorted(set(qids)), pa.string()) if qids is not None else None
     out: RankedHits = {}
     for t in iter_tables(folder):
+        if keep is not None:
+            t = t.filter(pc.is_in(t.column("qid"), value_set=keep))
         for q, ps, ss in zip(t.column("qid").to_pylist(), t.column("pids").to_pylist(), t.column("scores").to_pylist()):
             out[q] = list(zip(ps, ss))
     return out

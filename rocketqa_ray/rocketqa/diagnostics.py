@@ -76,11 +76,31 @@ def denoise_report(candidates: RankedIds, dropped: RankedIds, known: Qrels,
     return out
 
 
+PSEUDO_COUNTS = ("judged", "labels", "labels_or_known")  # what `pseudo_counts` adds up over questions
+
+
+def pseudo_counts(positive: str, hidden: set[str] | None, known: set[str] | None) -> dict[str, int]:
+    """One pseudo-labelled question's share of `pseudo_report`: judged when it has labels or known positives, and
+    whether its pseudo-positive is one of its labels, or one of its labels or known positives."""
+    hidden, known = hidden or set(), known or set()
+    if not hidden and not known:
+        return dict.fromkeys(PSEUDO_COUNTS, 0)
+    return {"judged": 1, "labels": int(positive in hidden), "labels_or_known": int(positive in hidden | known)}
+
+
+def pseudo_report_of(counts: dict[str, int]) -> dict:
+    """`pseudo_report` from its questions' summed `pseudo_counts` (question by question in any grouping, the same
+    report as all at once)."""
+    judged, gold, either = (int(counts.get(k, 0)) for k in PSEUDO_COUNTS)
+    return {"judged": judged, "precision_vs_labels": _ratio(gold, judged),
+            "precision_vs_labels_and_known": _ratio(either, judged),
+            "known_unlabelled_positives_found": either - gold}
+
+
 def pseudo_report(positives: dict[str, str], hidden_gold: Qrels, known: Qrels) -> dict:
     """Precision of pseudo-positives against the hidden labels alone and against labels + known positives."""
-    judged = [q for q in positives if q in hidden_gold or q in known]
-    gold = sum(1 for q in judged if positives[q] in hidden_gold.get(q, {}))
-    either = sum(1 for q in judged if positives[q] in hidden_gold.get(q, {}) or positives[q] in known.get(q, {}))
-    return {"judged": len(judged), "precision_vs_labels": _ratio(gold, len(judged)),
-            "precision_vs_labels_and_known": _ratio(either, len(judged)),
-            "known_unlabelled_positives_found": either - gold}
+    total: dict[str, int] = {}
+    for q, p in positives.items():
+        for k, v in pseudo_counts(p, set(hidden_gold.get(q, {})), set(known.get(q, {}))).items():
+            total[k] = total.get(k, 0) + v
+    return pseudo_report_of(total)

@@ -365,6 +365,33 @@ def _bce(logits: np.ndarray, labels: np.ndarray, a: float, b: float) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
+def test_mc_groups_in_flows_equal_the_driver(run, tmp_path):
+    """data.driver_max_examples=0 (the corpus-scale path): step 2's training groups drawn per question by Ray Data
+    from md0's candidates folder and given their texts by the examples flow are the groups drawn in the driver, in
+    the same order: the gold positive, then `cross.num_negatives` of md0's candidates."""
+    from dataclasses import replace
+
+    from rocketqa_ray.pipeline.stages.step2_mc import training_groups
+
+    run("md0")
+    ctx, cfg = run.ctx, run.cfg
+    qids = ctx.splits.train[:60]
+    pos = {q: next(iter(ctx.train_qrels[q])) for q in qids}
+    (tmp_path / "driver").mkdir()
+    here = training_groups(ctx, cfg, tmp_path / "driver", qids, pos)
+    flow = training_groups(ctx, replace(cfg, data=replace(cfg.data, driver_max_examples=0)), tmp_path / "flow",
+                           qids, pos)
+    assert (flow / "_SUCCESS.json").exists() and here.is_file()
+    rows = _parquet_rows(here)
+    assert _parquet_rows(flow) == rows and sorted(r["qid"] for r in rows) == sorted(qids)
+    top = train_top(ctx, "md0", qids)
+    for r in rows:
+        q = r["qid"]
+        assert r["labels"] == [1.0] + [0.0] * cfg.cross.num_negatives
+        assert r["passages"][0] == ctx.ptexts([pos[q]])[pos[q]]
+        assert set(r["passages"][1:]) <= set(ctx.ptexts(top[q]).values())
+
+
 def test_mc_calibrates_fuses_and_reranks_md0(run):
     from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.modeling.cross_encoder import CrossEncoder
@@ -735,6 +762,32 @@ def test_md2_adds_pseudo_labelled_questions(run):
     assert pk["precision_vs_labels"] == s["pseudo_precision"]  # the same figure as pseudo_label's own
     hits = sum(1 for r in pseudo_rows if r["positive_id"] in known[r["qid"]])
     assert pk["precision_vs_labels_and_known"] == pytest.approx(hits / len(pseudo_rows), abs=1e-4)
+
+
+def test_md2_in_flows_labels_as_the_driver(run, small_data, tmp_path):
+    """data.driver_max_examples=0 (the corpus-scale path): M_D1's candidates mined into a folder, scored with their
+    BM25 by the pair flow, labelled per question by Ray Data and given their texts by the examples flow: the same
+    pseudo-labelled rows and stats as md2's driver path (training on a flow's folder: md1's flow test)."""
+    import shutil
+
+    from rocketqa_ray.pipeline.stages.step4_md2 import label_in_flow
+
+    want = run("md2")
+    other = StageRunner(_cfg(small_data, "data.driver_max_examples=0"), tmp_path / "run")
+    for name in ("md1", "mc", "bm25_stats"):  # md2's inputs: only step 4's path differs
+        shutil.copytree(run.dir(name), other.dir(name))
+    d = other.dir("md2")
+    d.mkdir()
+    examples, stats = label_in_flow(other.ctx, other.cfg, d)
+    assert (d / "pseudo_labels" / "_SUCCESS.json").exists() and (d / "pseudo_candidates" / "_SUCCESS.json").exists()
+    assert examples == d / "train_examples.parquet" and (examples / "_SUCCESS.json").exists()  # the flow's folder
+    assert {f"pseudo_{k}": v for k, v in stats.items()} == {
+        k: v for k, v in want.stats.items() if k.startswith("pseudo_") and k != "pseudo_scores"}
+    got = _parquet_rows(examples)
+    for r in got:
+        r["teacher_scores"] = [pytest.approx(v, abs=1e-5) for v in r["teacher_scores"]]
+    assert got == _parquet_rows(run.dir("md2") / "train_examples.parquet")
+    assert len(got) == stats["labelled"] == want.stats["train_questions"] - want.stats["labelled_questions"]
 
 
 def test_md2_rerank(run):

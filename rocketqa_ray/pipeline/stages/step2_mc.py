@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rocketqa_ray.config import Config
+from rocketqa_ray.data.examples import order_key
 from rocketqa_ray.data.splits import holdout
 from rocketqa_ray.io import atomic_dir, read_json, write_json
 from rocketqa_ray.pipeline.context import Context
@@ -19,16 +21,20 @@ from rocketqa_ray.pipeline.registry import StageResult, stage
 from rocketqa_ray.pipeline.reranking import rerank_eval
 from rocketqa_ray.pipeline.shared import (
     EXAMPLES,
+    TRAIN_TOP,
     VAL_NEGATIVES,
     ce_scores,
     dense_scores,
     gold_positive,
     start_ray,
+    top_up_source,
     train_top,
     training_summary,
     write_training_examples,
 )
-from rocketqa_ray.rocketqa.negatives import sample_negatives
+from rocketqa_ray.retrieval.candidates import SUCCESS
+from rocketqa_ray.rocketqa.question_negatives import MiningPlan, Question, decide
+from rocketqa_ray.types import RankedIds
 
 log = logging.getLogger(__name__)
 CALIBRATION = "calibration.json"
@@ -37,32 +43,37 @@ CALIBRATION = "calibration.json"
 @stage("mc", deps=("md0",), sections=("data", "cross", "mining", "eval", "bm25"), label="M_C reranking M_D0 top-k",
        reranks="md0")
 def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
-    from rocketqa_ray.data.examples import attach_texts, cross_id_groups
+    from rocketqa_ray.data.examples import attach_texts, cross_id_row
     from rocketqa_ray.train.launch import train_cross
 
     start_ray(ctx)
     c = cfg.cross
     train = ctx.splits.train
     pos = gold_positive(ctx, train)
-    top = train_top(ctx, "md0")
-    negs = sample_negatives(top, c.num_negatives, seed=cfg.mining.seed)
     parts = holdout(train, {"calib": c.calibration_fraction}, seed=cfg.mining.seed)
-    queries = {q: ctx.qtext(q) for q in train}
-    ex = write_training_examples(ctx, cross_id_groups(queries, {q: pos[q] for q in parts["rest"]}, negs), d / EXAMPLES)
+    ex = training_groups(ctx, cfg, d, parts["rest"], pos)
     if c.init == "md0":  # M_D0's encoder, a new 1-logit head (from_base adds one to a dual-encoder folder)
         cfg = replace(cfg, cross=replace(c, base=str(ctx.stage_dir("md0") / "model")))
+    # calibration and the fusion fit run here, on a bounded random sample of the held-out groups, drawn as the
+    # training groups are
+    calib = parts["calib"]
+    if len(calib) > c.max_calibration_groups:
+        calib = sorted(random.Random(cfg.mining.seed).sample(calib, c.max_calibration_groups))
+    top = train_top(ctx, "md0", calib)
+    negs = {r["qid"]: r["negative_ids"] for r in group_rows(ctx, cfg, calib, pos, top)}
     # early stopping on the calibration groups (never trained on), with M_D0's hardest negatives: a positive
     # among 3 sampled negatives is ranked first too often to tell one checkpoint from the next
     val = None
     if c.eval_every > 0:  # the first `val_groups` calibration groups (all that training uses), texts read here
-        calib = parts["calib"][: c.val_groups]
-        val = attach_texts(cross_id_groups(queries, {q: pos[q] for q in calib},
-                                           {q: top.get(q, [])[:VAL_NEGATIVES] for q in calib}), ctx.passages.texts)
+        first = calib[: c.val_groups]
+        val = attach_texts([cross_id_row({"qid": q, "query": ctx.qtext(q), "positive_id": pos[q],
+                                          "negative_ids": [p for p in top.get(q, [])[:VAL_NEGATIVES] if p != pos[q]]})
+                            for q in first], ctx.passages.texts)
     raw = train_cross(cfg, str(ex), str(d / "train"), name="mc", val_rows=val)
     stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss,
              "init": c.init, **training_summary(d / "train")}
     if not (d / "model").exists():
-        stats.update(calibrate(ctx, cfg, raw, parts["calib"], pos, negs, d))
+        stats.update(calibrate(ctx, cfg, raw, calib, pos, negs, d))
     elif (d / CALIBRATION).exists():
         stats.update(read_json(d / CALIBRATION))
     # M_C's quality: rerank M_D0's test top-k (with a fusion fit for M_D0 on held-out dev)
@@ -70,6 +81,45 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     stats.update(rerank_stats)
     stats.update(check_cross_encoder(cfg, stats, d))
     return StageResult(metrics, stats)
+
+
+def group_plan(cfg: Config) -> MiningPlan:
+    """Step 2's draw: `cross.num_negatives` of M_D0's candidates per question, nothing denoised."""
+    return MiningPlan(None, 0, cfg.cross.num_negatives, cfg.mining.seed)
+
+
+def group_rows(ctx: Context, cfg: Config, qids: list[str], pos: dict[str, str], top: RankedIds) -> list[dict]:
+    """The questions' dual id rows for step 2, in training order: the gold positive and `cross.num_negatives`
+    drawn from M_D0's candidates (`top`) by the question's own seeded draw (`rocketqa.question_negatives.decide`,
+    no denoising), topped up from the corpus when short; the same rows `batch.negatives_flow` builds."""
+    plan = group_plan(cfg)
+    top_up = top_up_source(ctx)
+    rows = [r for q in qids
+            for r in decide(Question(q, ctx.qtext(q), [pos[q]], {"md0": top[q]} if top.get(q) else {}), plan,
+                            top_up).rows]
+    return sorted(rows, key=lambda r: order_key(plan.seed, r["qid"], r["positive_id"]))
+
+
+def training_groups(ctx: Context, cfg: Config, d: Path, qids: list[str], pos: dict[str, str]) -> Path:
+    """Step 2's training examples (question groups): up to `data.driver_max_examples` questions drawn here
+    (`group_rows`), more by Ray Data (`batch.negatives_flow` reads M_D0's candidates folder and draws per
+    question group; the examples flow gives them their texts), the same groups in the same order."""
+    from rocketqa_ray.data.examples import cross_id_row
+
+    if len(qids) <= cfg.data.driver_max_examples:
+        rows = group_rows(ctx, cfg, qids, pos, train_top(ctx, "md0", qids))
+        return write_training_examples(ctx, [cross_id_row(r) for r in rows], d / EXAMPLES)
+    from rocketqa_ray.batch.examples_flow import cross_id_parts, examples_flow
+    from rocketqa_ray.batch.negatives_flow import negatives_flow, write_question_positives
+    from rocketqa_ray.data.passages import top_up_ids
+
+    if (d / EXAMPLES / SUCCESS).exists():
+        return d / EXAMPLES
+    questions = write_question_positives([(q, ctx.qtext(q), [pos[q]]) for q in qids],
+                                         d / "groups_inputs" / "questions.parquet")
+    ids, _ = negatives_flow(questions, ctx.stage_dir("md0") / TRAIN_TOP, cfg.mining.top_k, group_plan(cfg), d / "groups",
+                            top_up_ids(ctx.passages), ray_cfg=cfg.ray)
+    return examples_flow(cross_id_parts(ids, d / "group_ids"), ctx.corpus_store, d / EXAMPLES, cfg.ray)
 
 
 def check_cross_encoder(cfg: Config, stats: dict, d: Path) -> dict:
