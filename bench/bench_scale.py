@@ -203,8 +203,7 @@ def child(args: argparse.Namespace) -> None:
         ids, stats = pseudo_flow(qfile, work / "cands", args.score_top, work / "scores",
                                  PseudoPlan(0.0, 1.0, 4, seed=0), work / "pseudo", top_up_ids(Stored(work / "store")))
         folder = examples_flow(ids, work / "store", work / "pseudo_examples")
-        return {"rows": json.loads((folder / "_SUCCESS.json").read_text())["rows"], "labelled": stats["labelled"],
-                "precision": stats["precision"]}
+        return {"rows": json.loads((folder / "_SUCCESS.json").read_text())["rows"], "labelled": stats["labelled"]}
 
     for name, fn in zip(PHASES, (ingest, encode, index, mine, bm25, score, examples, pseudo)):
         phase(name, fn)

@@ -165,6 +165,20 @@ def as_completed(refs: list) -> Iterator:
         raise as_user_error(e) from None
 
 
+def write_parquet(ds, path: str | Path) -> None:
+    """`ds.write_parquet(path)`; a user error raised in one of its tasks (e.g. a DataError naming the bad question)
+    comes out as itself, without Ray's traceback around it."""
+    from rocketqa_ray.errors import as_user_error
+
+    try:
+        ds.write_parquet(str(path))
+    except Exception as e:
+        err = as_user_error(e)
+        if err is e:
+            raise
+        raise err from None
+
+
 def spread_over_nodes(n: int, cpus: float) -> list:
     """Scheduling strategies for `n` tasks or actors, dealt round-robin over the alive nodes that can hold `cpus`.
 

@@ -31,7 +31,7 @@ from rocketqa_ray.data.examples import (
     id_table,
     parquet_files,
 )
-from rocketqa_ray.errors import DataError, as_user_error
+from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_dir, atomic_path, write_json
 from rocketqa_ray.retrieval.candidates import SUCCESS
 
@@ -90,7 +90,7 @@ def examples_flow(ids_file: str | Path, store_dir: str | Path, out_dir: str | Pa
     DataError when a passage id is not in the store."""
     import ray
 
-    from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.ray_utils import ensure_ray, write_parquet
 
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
@@ -112,13 +112,7 @@ def examples_flow(ids_file: str | Path, store_dir: str | Path, out_dir: str | Pa
                     .sort(ROW)
                     .map_batches(as_schema, fn_kwargs={"kind": kind}, batch_format="pyarrow"))  # order kept, `row` not
         with atomic_dir(out_dir) as tmp:
-            try:
-                examples.write_parquet(str(tmp))
-            except Exception as e:  # a DataError from `assemble_example`, without Ray's traceback around it
-                err = as_user_error(e)
-                if err is e:
-                    raise
-                raise err from None
+            write_parquet(examples, tmp)
             got = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(tmp).glob("*.parquet"))
             if got != n_rows:  # a row none of whose passages is in the store left no group
                 raise DataError(f"training examples: {n_rows} rows in {ids_file} but {got} have their passages in "

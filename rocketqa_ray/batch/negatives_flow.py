@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from rocketqa_ray.batch.pair_flow import ROWS_PER_PARTITION, explode_top
 from rocketqa_ray.config import RayConfig
 from rocketqa_ray.data.examples import ID_SCHEMAS, ROW, order_key, parquet_files
-from rocketqa_ray.errors import DataError, as_user_error
+from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_dir, atomic_path, write_json
 from rocketqa_ray.retrieval.candidates import SUCCESS, parts
 from rocketqa_ray.rocketqa.question_negatives import MiningPlan, Question, add_counts, decide, stats_of
@@ -126,7 +126,7 @@ def negatives_flow(questions: str | Path, candidates: str | Path, top: int, plan
     Writes the id rows to `out_dir` (Parquet parts, `_SUCCESS.json` last) and returns it with the stats."""
     import ray
 
-    from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.ray_utils import ensure_ray, write_parquet
 
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
@@ -153,13 +153,7 @@ def negatives_flow(questions: str | Path, candidates: str | Path, top: int, plan
         .map_groups(decide_group, fn_kwargs={"plan": plan, "top_up": list(top_up), "with_known": known is not None},
                     batch_format="pyarrow")
     with atomic_dir(out_dir) as tmp:
-        try:
-            decided.write_parquet(str(tmp))
-        except Exception as e:  # a DataError from a question's decision, without Ray's traceback around it
-            err = as_user_error(e)
-            if err is e:
-                raise
-            raise err from None
+        write_parquet(decided, tmp)
         total: dict[str, float] = {}
         n_rows = 0
         for f in sorted(Path(tmp).glob("*.parquet")):

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rocketqa_ray.batch.pair_flow import ROWS_PER_PARTITION, explode_top
 from rocketqa_ray.config import RayConfig
 from rocketqa_ray.data.examples import ID_SCHEMAS, ROW, order_key, parquet_files, question_rows
-from rocketqa_ray.errors import DataError, as_user_error
+from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_dir, atomic_path, write_json
 from rocketqa_ray.retrieval.candidates import SUCCESS, parts
 from rocketqa_ray.retrieval.fusion import Fusion, fuse_scores
@@ -169,7 +169,7 @@ def pseudo_flow(questions: str | Path, candidates: str | Path, top: int, scores:
     labelled) and the stats (`pseudo_stats`, with `known_positives` when `known` is given)."""
     import ray
 
-    from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.ray_utils import ensure_ray, write_parquet
 
     ensure_ray(ray_cfg)
     t0 = time.perf_counter()
@@ -192,13 +192,7 @@ def pseudo_flow(questions: str | Path, candidates: str | Path, top: int, scores:
                                 "with_known": known is not None}, batch_format="pyarrow")
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        try:
-            labelled.write_parquet(str(tmp / "all"))
-        except Exception as e:  # a DataError from a question's group, without Ray's traceback around it
-            err = as_user_error(e)
-            if err is e:
-                raise
-            raise err from None
+        write_parquet(labelled, tmp / "all")
         total: dict[str, float] = {}
         n_rows = 0
         (tmp / IDS).mkdir()
