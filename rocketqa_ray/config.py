@@ -141,8 +141,8 @@ class CrossConfig(EarlyStopConfig):
                               "bce: pointwise; listwise+bce: both")
     calibration_fraction: float = setting(0.1, ge=0, lt=1, help="question groups held out of training to calibrate scores "
                                           "into probabilities (Platt scaling); 0 = raw sigmoid scores")
-    max_calibration_groups: int = setting(5000, ge=1, help="at most this many of the held-out groups (the first, "
-                                          "by a seeded shuffle) calibrate and fit the fusion: both run in the driver")
+    max_calibration_groups: int = setting(5000, ge=1, help="at most this many of the held-out groups (a seeded "
+                                          "random sample) calibrate and fit the fusion: both run in the driver")
     fusion: bool = setting(True, help="fit a logistic fusion of the calibrated score with the retriever's score "
                            "on the held-out groups; reranking and pseudo-labels use it")
     fallback: CeFallback = setting("fused", help="when the cross-encoder alone is no better than M_D0 on held-out "

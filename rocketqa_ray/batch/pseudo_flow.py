@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,7 @@ def label_group(group: pa.Table, plan: PseudoPlan, top_up: Sequence[str], with_h
 
 def pseudo_flow(questions: str | Path, candidates: str | Path, top: int, scores: str | Path, plan: PseudoPlan,
                 out_dir: str | Path, top_up: Sequence[str], known: str | Path | None = None,
-                ray_cfg: RayConfig | None = None) -> tuple[Path, dict]:
+                ray_cfg: RayConfig | None = None) -> tuple[Path | None, dict]:
     """Label every question of `questions` (`write_pseudo_questions`) from the first `top` of its row in the
     `candidates` folder, the pair flow's `scores` folder (with `bm25` when the fusion weighs it) and, for the
     report, the (qid, pids) of `known`. Writes every question's output to `out_dir` and the labelled questions' id
@@ -193,14 +194,13 @@ def pseudo_flow(questions: str | Path, candidates: str | Path, top: int, scores:
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         write_parquet(labelled, tmp / "all")
-        total: dict[str, float] = {}
+        total: Counter = Counter()
         n_rows = 0
         (tmp / IDS).mkdir()
         for f in sorted((tmp / "all").glob("*.parquet")):  # one part at a time: bounded by the flow's block size
             t = pq.read_table(f)
             for c in t.column(COUNTS).drop_null().to_pylist():
-                for k, v in json.loads(c).items():
-                    total[k] = total.get(k, 0) + v
+                total.update(json.loads(c))
             t = t.filter(pc.is_valid(t.column("positive_id"))).select(ID_SCHEMAS["dual"].names)
             if t.num_rows:
                 pq.write_table(t, tmp / IDS / f.name)

@@ -143,11 +143,9 @@ def build_cross_examples(
 
 def cross_id_groups(queries: dict[str, str], positives: dict[str, str], negatives: dict[str, list[str]]) -> list[dict]:
     """`build_cross_examples`' groups as ids (`qid`, `query`, `pids`, `labels`)."""
-    rows = []
-    for qid, pos in positives.items():
-        negs = [p for p in negatives.get(qid, []) if p != pos]
-        rows.append({"qid": qid, "query": queries[qid], "pids": [pos, *negs], "labels": [1.0] + [0.0] * len(negs)})
-    return rows
+    return [cross_id_row({"qid": qid, "query": queries[qid], "positive_id": pos,
+                          "negative_ids": [p for p in negatives.get(qid, []) if p != pos]})
+            for qid, pos in positives.items()]
 
 
 def cross_id_row(dual: Mapping) -> dict:

@@ -12,6 +12,7 @@ stage trains on it. A mined "negative" listed there is a known false negative:
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from rocketqa_ray.errors import ConfigError
@@ -99,8 +100,7 @@ def pseudo_report_of(counts: dict[str, int]) -> dict:
 
 def pseudo_report(positives: dict[str, str], hidden_gold: Qrels, known: Qrels) -> dict:
     """Precision of pseudo-positives against the hidden labels alone and against labels + known positives."""
-    total: dict[str, int] = {}
+    total: Counter = Counter()
     for q, p in positives.items():
-        for k, v in pseudo_counts(p, set(hidden_gold.get(q, {})), set(known.get(q, {}))).items():
-            total[k] = total.get(k, 0) + v
+        total.update(pseudo_counts(p, set(hidden_gold.get(q, {})), set(known.get(q, {}))))
     return pseudo_report_of(total)

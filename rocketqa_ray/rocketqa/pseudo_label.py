@@ -8,6 +8,7 @@ labels and stats.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -75,13 +76,12 @@ def pseudo_label(candidates: RankedIds, scores: PairScores, pos_threshold: float
     With `hidden_gold`, the positives' precision is measured against it."""
     positives: dict[str, str] = {}
     negatives: dict[str, list[str]] = {}
-    total: dict[str, float] = {}
+    total: Counter = Counter()
     for q, ps in candidates.items():
         hidden = hidden_gold.get(q) if hidden_gold is not None else None
         res = label_question(ps, {p: scores[(q, p)] for p in ps}, pos_threshold, neg_threshold, hidden)
         if res.positive is not None:
             positives[q], negatives[q] = res.positive, res.negatives
-        for k, v in res.counts.items():
-            total[k] = total.get(k, 0) + v
+        total.update(res.counts)
     return PseudoLabels(positives, negatives, pseudo_stats(total, pos_threshold, neg_threshold,
                                                            hidden_gold is not None))

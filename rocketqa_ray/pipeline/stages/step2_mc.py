@@ -43,7 +43,7 @@ CALIBRATION = "calibration.json"
 @stage("mc", deps=("md0",), sections=("data", "cross", "mining", "eval", "bm25"), label="M_C reranking M_D0 top-k",
        reranks="md0")
 def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
-    from rocketqa_ray.data.examples import attach_texts, cross_id_row
+    from rocketqa_ray.data.examples import attach_texts, cross_id_groups
     from rocketqa_ray.train.launch import train_cross
 
     start_ray(ctx)
@@ -66,9 +66,8 @@ def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     val = None
     if c.eval_every > 0:  # the first `val_groups` calibration groups (all that training uses), texts read here
         first = calib[: c.val_groups]
-        val = attach_texts([cross_id_row({"qid": q, "query": ctx.qtext(q), "positive_id": pos[q],
-                                          "negative_ids": [p for p in top.get(q, [])[:VAL_NEGATIVES] if p != pos[q]]})
-                            for q in first], ctx.passages.texts)
+        val = attach_texts(cross_id_groups({q: ctx.qtext(q) for q in first}, {q: pos[q] for q in first},
+                                           {q: top.get(q, [])[:VAL_NEGATIVES] for q in first}), ctx.passages.texts)
     raw = train_cross(cfg, str(ex), str(d / "train"), name="mc", val_rows=val)
     stats = {"train_questions": len(parts["rest"]), "negatives_per_positive": c.num_negatives, "loss": c.loss,
              "init": c.init, **training_summary(d / "train")}
