@@ -80,7 +80,7 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
 
     from rocketqa_ray.batch.encode import resolve_model_dir
     from rocketqa_ray.modeling.base import model_fingerprint
-    from rocketqa_ray.ray_utils import ensure_ray
+    from rocketqa_ray.ray_utils import ensure_ray, write_parquet
 
     out = Path(out_dir)
     model_dir = resolve_model_dir(model_dir)
@@ -132,7 +132,7 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None).rename_columns({"row": "rank"})
     with atomic_dir(out) as tmp:
-        scored.write_parquet(str(tmp))
+        write_parquet(scored, tmp)
         got = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(tmp).glob("*.parquet"))
         if got != n_pairs:  # a pair whose passage or question has no text was dropped by the inner joins
             raise DataError(f"score_pair_files: {n_pairs} pairs but {got} scored: some pid is not in {store_dir} or "

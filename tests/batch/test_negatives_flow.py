@@ -83,6 +83,7 @@ def test_flow_decides_as_the_driver_does(ray_session, setup, rule):
                                     extra=[files["bm25"]], known=files["known"])
     got = sorted((r for f in parquet_files(out) for r in pq.read_table(f).to_pylist()), key=lambda r: r[ROW])
     assert len(got) == len(rows) == len(qids)
+    assert all(pq.ParquetFile(f).metadata.num_row_groups == 1 for f in parquet_files(out))  # not one per question
     for g, e in zip(got, rows):
         assert (g["qid"], g["query"], g["positive_id"], g["negative_ids"]) == \
                (e["qid"], e["query"], e["positive_id"], e["negative_ids"])

@@ -118,6 +118,8 @@ def test_flow_labels_as_the_driver_does(setup, tmp_path, fusion):
     ids, got = pseudo_flow(setup["questions"], setup["root"] / "cands", TOP, setup["scores"], plan, tmp_path / "out",
                            top_up_ids(setup["store"]), known=setup["known_file"])
     assert got == stats
+    # each written part is one row group, not one per question group (which cost a reader megabytes per part)
+    assert all(pq.ParquetFile(f).metadata.num_row_groups == 1 for f in parquet_files(tmp_path / "out" / "all"))
     flow_rows = sorted((r for f in parquet_files(ids) for r in pq.read_table(f).to_pylist()), key=lambda r: r[ROW])
     assert [r[ROW] for r in flow_rows] == [order_key(SEED, r["qid"], r["positive_id"]) for r in rows]
     for r in flow_rows:
