@@ -147,6 +147,20 @@ def torch_threads_for(cpus: float) -> int:
     return max(1, int(round(cpus)))
 
 
+def model_in_actor(model_class, model_dir: str, cpus: float, gpus: float):
+    """A model for an actor of a flow: library chatter quieted, torch's threads matched to the actor's `cpus`,
+    `model_class.load(model_dir)` on the actor's device in eval mode. Returns (model, device)."""
+    import torch
+
+    from rocketqa_ray.console import quiet_libraries
+    from rocketqa_ray.modeling.base import device_for
+
+    quiet_libraries()
+    torch.set_num_threads(torch_threads_for(cpus))
+    device = device_for(gpus)
+    return model_class.load(model_dir).to(device).eval(), device
+
+
 def as_completed(refs: list) -> Iterator:
     """The results of Ray tasks in the order they finish. On the first failure the other tasks are cancelled (their
     work is moot, and their errors would go unread) and the user error behind it is raised (`as_user_error`)."""

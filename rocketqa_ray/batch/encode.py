@@ -48,17 +48,10 @@ class EncoderActor:
 
     def __init__(self, model_dir: str, kind: str, batch_size: int, bf16: str, cpus: float, gpus: float,
                  sort_by_length: bool = True):
-        import torch
-
-        from rocketqa_ray.console import quiet_libraries
-        from rocketqa_ray.modeling.base import device_for
         from rocketqa_ray.modeling.dual_encoder import DualEncoder
-        from rocketqa_ray.ray_utils import torch_threads_for
+        from rocketqa_ray.ray_utils import model_in_actor
 
-        quiet_libraries()
-        torch.set_num_threads(torch_threads_for(cpus))
-        self.device = device_for(gpus)
-        self.model = DualEncoder.load(model_dir).to(self.device).eval()
+        self.model, self.device = model_in_actor(DualEncoder, model_dir, cpus, gpus)
         self.kind, self.batch_size, self.bf16, self.sort = kind, batch_size, bf16, sort_by_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

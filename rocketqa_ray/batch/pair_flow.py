@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rocketqa_ray.batch.bm25_stats import BM25Feature, PairBM25
+from rocketqa_ray.batch.pair_dense import DenseFeature, PairDense
 from rocketqa_ray.batch.score import ScorerActor
 from rocketqa_ray.config import EncodeConfig, RayConfig
 from rocketqa_ray.data import corpus_store
@@ -25,6 +27,9 @@ from rocketqa_ray.data.beir import passage_text
 from rocketqa_ray.errors import DataError
 from rocketqa_ray.io import atomic_dir, atomic_path, describe_file, read_json_if_valid, write_json
 from rocketqa_ray.retrieval.candidates import SUCCESS
+
+if TYPE_CHECKING:
+    from rocketqa_ray.retrieval.fusion import Fusion
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +75,13 @@ def write_questions(qids: list[str], texts: list[str], path: str | Path) -> Path
 def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: str | Path, out_dir: str | Path,
                      cfg: EncodeConfig, candidates: str | Path | None = None, top: int = 0,
                      extra: str | Path | None = None, ray_cfg: RayConfig | None = None,
-                     bm25: BM25Feature | None = None) -> Path:
+                     bm25: BM25Feature | None = None, dense: DenseFeature | None = None) -> Path:
     """Score the top `top` candidates of every question in `candidates` plus the pairs in `extra` (rank -1) with the
     cross-encoder in `model_dir`; `questions` is a Parquet file (qid, query). Output `out_dir`: Parquet parts
     (qid, pid, rank, score) in no particular order, then `_SUCCESS.json` with the number of pairs; a folder that
     has it is returned as is (rerun = the same job). With `bm25`, each pair's BM25 score too (column `bm25`, from
-    the corpus statistics, while the pair has its texts: the fusion's lexical feature without a second join)."""
+    the corpus statistics, while the pair has its texts: the fusion's lexical feature without a second join); with
+    `dense`, each pair's q . p by that dual encoder (column `dense`, `batch.pair_dense`)."""
     import ray
 
     from rocketqa_ray.batch.encode import resolve_model_dir
@@ -88,7 +94,8 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
     job = {"task": "score_pairs", "model_fingerprint": model_fingerprint(model_dir), "top": int(top),
            "candidates": str(candidates) if candidates else None, "candidates_job": cand_record,
            "extra": describe_file(extra) if extra else None, "questions": describe_file(questions),
-           "bm25": [bm25.stats_dir, bm25.k1, bm25.b] if bm25 else None}
+           "bm25": [bm25.stats_dir, bm25.k1, bm25.b] if bm25 else None,
+           "dense": [model_fingerprint(resolve_model_dir(dense.model_dir)), dense.bf16] if dense else None}
     done = read_json_if_valid(out / SUCCESS)
     if isinstance(done, dict) and done.get("job") == job:
         return out
@@ -125,6 +132,12 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
     if bm25 is not None:  # a light actor: the statistics (the vocabulary's document frequencies) load once each
         joined = joined.map_batches(PairBM25, fn_constructor_kwargs={"feature": bm25}, batch_format="pyarrow",
                                     compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.25)
+    if dense is not None:
+        joined = joined.map_batches(PairDense, fn_constructor_kwargs={"feature": dense, "cpus": cfg.cpus_per_actor,
+                                                                      "gpus": cfg.gpus_per_actor},
+                                    batch_size=cfg.batch_size, batch_format="pyarrow",
+                                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
+                                    num_gpus=cfg.gpus_per_actor or None)
     kwargs = {"model_dir": str(model_dir), "batch_size": cfg.batch_size, "bf16": cfg.bf16,
               "cpus": cfg.cpus_per_actor, "gpus": cfg.gpus_per_actor}
     scored = joined.rename_columns({"rank": "row"}).map_batches(
@@ -150,4 +163,43 @@ def read_pair_scores(out_dir: str | Path) -> dict[tuple[str, str], float]:
         t = pq.read_table(f, columns=["qid", "pid", "score"])
         out.update(zip(zip(t.column("qid").to_pylist(), t.column("pid").to_pylist()),
                        t.column("score").to_numpy().astype(float).tolist()))
+    return out
+
+
+def fuse(batch: pa.Table, fusion: Fusion) -> pa.Table:
+    """map_batches over scored pairs {..., score, dense[, bm25]} -> the same rows with `score` the fusion's score and
+    the cross-encoder's probability kept as `ce`."""
+    ce = batch.column("score").to_numpy().astype(np.float64)
+    dense = batch.column("dense").to_numpy().astype(np.float64)
+    bm25 = batch.column("bm25").to_numpy().astype(np.float64) if fusion.uses_bm25 else None
+    i = batch.column_names.index("score")
+    return batch.set_column(i, "score", pa.array(fusion(ce, dense, bm25), pa.float64())).append_column(
+        "ce", pa.array(ce, pa.float64()))
+
+
+def fuse_pair_files(scores: str | Path, fusion: Fusion, out_dir: str | Path, ray_cfg: RayConfig | None = None) -> Path:
+    """A `score_pair_files` folder scored with `dense` (and `bm25` when the fusion weighs it) -> the same pairs with
+    the fusion's score (`fuse`), by a Ray Data map: no process holds the pairs. A folder that was written for the
+    same scores and fusion is returned as is."""
+    import ray
+
+    from rocketqa_ray.ray_utils import ensure_ray, write_parquet
+
+    out = Path(out_dir)
+    job = {"task": "fuse_pairs", "scores": read_json_if_valid(Path(scores) / SUCCESS), "fusion": fusion.to_dict()}
+    done = read_json_if_valid(out / SUCCESS)
+    if isinstance(done, dict) and done.get("job") == job:
+        return out
+    files = sorted(str(f) for f in Path(scores).glob("*.parquet"))
+    if not files or job["scores"] is None:
+        raise DataError(f"{scores}: no complete pair scores to fuse; rerun the stage")
+    needed = ["dense", *(["bm25"] if fusion.uses_bm25 else [])]
+    missing = [c for c in needed if c not in pq.read_schema(files[0]).names]
+    if missing:
+        raise DataError(f"{scores}: scored without {', '.join(missing)}, which the fusion weighs; rerun the stage")
+    ensure_ray(ray_cfg)
+    with atomic_dir(out) as tmp:
+        write_parquet(ray.data.read_parquet(files).map_batches(fuse, fn_kwargs={"fusion": fusion},
+                                                                batch_format="pyarrow"), tmp)
+        write_json(tmp / SUCCESS, {"job": job, "pairs": job["scores"].get("pairs")})
     return out

@@ -21,24 +21,19 @@ from rocketqa_ray.errors import DataError
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ["qid", "pid", "query", "passage"]
+# what the pair flow may add to a pair before scoring (`batch.bm25_stats.PairBM25`, `batch.pair_dense.PairDense`)
+PAIR_FEATURES = ("bm25", "dense")
 
 
 class ScorerActor:
-    """Row batches {row, qid, pid, query, passage[, bm25]} -> {row, qid, pid, score[, bm25]}; one cross-encoder per
-    actor."""
+    """Row batches {row, qid, pid, query, passage[, bm25][, dense]} -> {row, qid, pid, score[, bm25][, dense]};
+    one cross-encoder per actor."""
 
     def __init__(self, model_dir: str, batch_size: int, bf16: str, cpus: float, gpus: float):
-        import torch
-
-        from rocketqa_ray.console import quiet_libraries
-        from rocketqa_ray.modeling.base import device_for
         from rocketqa_ray.modeling.cross_encoder import CrossEncoder
-        from rocketqa_ray.ray_utils import torch_threads_for
+        from rocketqa_ray.ray_utils import model_in_actor
 
-        quiet_libraries()
-        torch.set_num_threads(torch_threads_for(cpus))
-        self.device = device_for(gpus)
-        self.model = CrossEncoder.load(model_dir).to(self.device).eval()
+        self.model, self.device = model_in_actor(CrossEncoder, model_dir, cpus, gpus)
         self.batch_size, self.bf16 = batch_size, bf16
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -47,8 +42,9 @@ class ScorerActor:
         scores = self.model.score(qs, ps, self.batch_size, self.bf16, self.device)
         out = {"row": np.asarray(batch["row"], dtype=np.int64), "qid": batch["qid"], "pid": batch["pid"],
                "score": scores.astype(np.float32)}
-        if "bm25" in batch:  # computed upstream in the same flow (`batch.bm25_stats.PairBM25`)
-            out["bm25"] = np.asarray(batch["bm25"], dtype=np.float32)
+        for feature in PAIR_FEATURES:  # computed upstream in the same flow, for a fusion
+            if feature in batch:
+                out[feature] = np.asarray(batch[feature], dtype=np.float32)
         return out
 
 

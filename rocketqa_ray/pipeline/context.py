@@ -23,6 +23,7 @@ from rocketqa_ray.io import read_json_if_valid, write_json
 from rocketqa_ray.types import PairScores, Qrels
 
 if TYPE_CHECKING:
+    from rocketqa_ray.batch.bm25_stats import BM25Feature
     from rocketqa_ray.batch.search import Searchers
     from rocketqa_ray.retrieval.bm25 import BM25Retriever
     from rocketqa_ray.retrieval.bm25_stats import PairScorer
@@ -158,6 +159,12 @@ class Context:
 
         _ = self.bm25_pairs  # counts or checks the statistics
         return self.run_dir / STATS_DIR
+
+    def bm25_feature(self) -> BM25Feature:
+        """Where a flow that scores pairs finds BM25 (the corpus statistics, `bm25_stats_dir`) and its parameters."""
+        from rocketqa_ray.batch.bm25_stats import BM25Feature
+
+        return BM25Feature(str(self.bm25_stats_dir()), self.cfg.bm25.k1, self.cfg.bm25.b)
 
     def bm25_scores(self, pairs: list[tuple[str, str]]) -> PairScores:
         q = {qid: self.qtext(qid) for qid, _ in pairs}

@@ -138,11 +138,13 @@ def ce_scores(ctx: Context, pairs: list[tuple[str, str]], d: Path, model_dir: Pa
 
 
 def candidate_score_folder(ctx: Context, stage: str, top: int, extra: list[tuple[str, str]], qids: list[str],
-                           d: Path) -> Path:
+                           d: Path, features: dict | None = None) -> Path:
     """The folder d of cross-encoder probabilities (qid, pid, rank, score) of `stage`'s top `top` hard-negative
     candidates per question (its TRAIN_TOP folder) plus the `extra` pairs, by the same flow: the candidates go
-    from their folder to the scorer without passing through the driver."""
-    return _score_folder(ctx, d, extra, candidates=ctx.stage_dir(stage) / TRAIN_TOP, top=top, qids=qids)
+    from their folder to the scorer without passing through the driver. `features`: `score_pair_files`' `bm25`
+    and `dense`, for a fusion."""
+    return _score_folder(ctx, d, extra, candidates=ctx.stage_dir(stage) / TRAIN_TOP, top=top, qids=qids,
+                         features=features)
 
 
 def _flow_scores(ctx: Context, d: Path, extra: list[tuple[str, str]], model_dir: Path | None = None) -> PairScores:
@@ -152,7 +154,7 @@ def _flow_scores(ctx: Context, d: Path, extra: list[tuple[str, str]], model_dir:
 
 
 def _score_folder(ctx: Context, d: Path, extra: list[tuple[str, str]], candidates: Path | None = None, top: int = 0,
-                  qids: list[str] | None = None, model_dir: Path | None = None) -> Path:
+                  qids: list[str] | None = None, model_dir: Path | None = None, features: dict | None = None) -> Path:
     from rocketqa_ray.batch.pair_flow import score_pair_files, write_pairs, write_questions
 
     start_ray(ctx)
@@ -161,7 +163,8 @@ def _score_folder(ctx: Context, d: Path, extra: list[tuple[str, str]], candidate
     questions = write_questions(qids, [ctx.qtext(q) for q in qids], inputs / "questions.parquet")
     extra_file = write_pairs(extra, inputs / "extra.parquet") if extra else None
     return score_pair_files(model_dir or ctx.stage_dir("mc") / "model", ctx.corpus_store, questions, d,
-                            ctx.cfg.encode, candidates=candidates, top=top, extra=extra_file, ray_cfg=ctx.cfg.ray)
+                            ctx.cfg.encode, candidates=candidates, top=top, extra=extra_file, ray_cfg=ctx.cfg.ray,
+                            **(features or {}))
 
 
 # negatives per held-out group of early stopping: enough that the positive's rank says something, few enough to

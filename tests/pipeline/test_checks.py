@@ -92,6 +92,41 @@ def test_denoising_falls_back_to_the_fused_score(starved_run):
     assert p.results["md2"].stats["pseudo_scores"] == "fused (cross-encoder check failed)"
 
 
+def test_the_fused_fallback_in_flows_equals_the_driver(starved_run, tmp_path):
+    """Above data.driver_max_examples each pair gets its M_D0 and BM25 scores in the pair flow (`PairDense`,
+    `PairBM25`) and a Ray Data map fuses them: the same scores as the driver's fusion (stored passage vectors,
+    bm25s) and the same denoised pools."""
+    import pyarrow.parquet as pq
+
+    from rocketqa_ray.batch.negatives_flow import read_pools
+    from rocketqa_ray.batch.pair_flow import read_pair_scores
+    from rocketqa_ray.pipeline.shared import bm25_negatives
+    from rocketqa_ray.pipeline.stages.step3_md1 import (
+        SCORES,
+        decide_in_flow,
+        denoise_scores,
+        md0_fusion,
+        mining_plan,
+    )
+
+    p, _, _ = starved_run
+    ctx, m = p.ctx, p.cfg.mining
+    assert md0_fusion(ctx) is not None
+    lexical = bm25_negatives(ctx, ctx.splits.train, m.bm25_negatives)
+    d = tmp_path / "md1"
+    d.mkdir()
+    folder = denoise_scores(ctx, d, lexical, fused=True, in_flow=True)
+    cols = pq.read_table(folder, columns=["qid", "pid", "score", "ce"])
+    got = dict(zip(zip(cols.column("qid").to_pylist(), cols.column("pid").to_pylist()), cols.column("score").to_pylist()))
+    want = read_pair_scores(p.run_dir / "md1" / SCORES)  # what the run's driver fused and decided on
+    assert got.keys() == want.keys() and got == pytest.approx(want, abs=1e-4)
+    raw = read_pair_scores(p.run_dir / "md1" / "denoise_scores")
+    assert dict(zip(got, cols.column("ce").to_pylist())) == pytest.approx(raw, abs=1e-6)
+    _, stats = decide_in_flow(ctx, mining_plan(p.cfg, True), d, lexical, folder)
+    assert read_pools(d / "decided") == read_json(p.run_dir / "md1" / "hard_negative_pool.json")
+    assert stats["dropped"] == p.results["md1"].stats["dropped"]
+
+
 def test_each_dual_encoder_is_checked_against_the_one_before(starved_run):
     p, lines, _ = starved_run
     for stage, previous in (("md1", "md0"), ("md2", "md1")):

@@ -4,6 +4,7 @@ those the cross-encoder finds likely positive (denoising); the ablation trains o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rocketqa_ray.batch.pair_flow import read_pair_scores
 from rocketqa_ray.config import Config
@@ -32,6 +33,9 @@ from rocketqa_ray.rocketqa.denoise import DenoiseResult, DenoiseRule, answer_rat
 from rocketqa_ray.rocketqa.question_negatives import MiningPlan, Question, decide, stats_of
 from rocketqa_ray.types import PairScores, RankedIds
 
+if TYPE_CHECKING:
+    from rocketqa_ray.retrieval.fusion import Fusion
+
 # bm25: mining.bm25_negatives joins BM25's top passages to the pool (and the fused fallback weighs BM25)
 SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25", "distill")
 POOL = "hard_negative_pool.json"
@@ -43,29 +47,18 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     train = ctx.splits.train
     fallback = ce_fallback(ctx.stage_dir("mc")) if denoised else None
     scoring = denoised and m.denoise != "none" and fallback != "skip"
-    plan = MiningPlan(DenoiseRule(m.denoise, m.denoise_threshold, m.denoise_relative, m.denoise_margin)
-                      if scoring else None, m.denoise_top + m.bm25_negatives, cfg.dual.num_hard_negatives, m.seed,
-                      ("md0", "bm25") if m.bm25_negatives else ("md0",))
+    plan = mining_plan(cfg, scoring)
     stats: dict = {}
     lexical = bm25_negatives(ctx, train, m.bm25_negatives) if m.bm25_negatives else {}
     scores: Path | None = None
+    in_flow = len(train) > cfg.data.driver_max_examples
     if scoring:
-        # the positive is scored too: the bar of a relative/margin rule, the teacher's score of the positive for
-        # distillation, and what lets bench/denoise_rules.py compare every rule on the same scores. md0's
-        # candidates are scored from its candidates folder, joined to their texts by Ray Data; only BM25's
-        # additions and the gold positives travel as ids from here
-        gold = gold_positive(ctx, train)
-        mined = {(q, p) for q, ps in train_top(ctx, "md0").items() for p in ps[: m.denoise_top]} if lexical else set()
-        extra = list(dict.fromkeys([*((q, p) for q, ps in lexical.items() for p in ps if (q, p) not in mined),
-                                    *gold.items()]))
-        scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores")
-        if fallback == "fused":  # the cross-encoder alone failed its check: its fusion with M_D0 and BM25 decides
-            raw = read_pair_scores(scores)
-            scores = write_scores(fused_md0_scores(ctx, list(raw), raw), gold, d / SCORES)
+        scores = denoise_scores(ctx, d, lexical, fallback == "fused", in_flow)
+        if fallback == "fused":
             stats["denoise_scores"] = "fused (cross-encoder check failed)"
     elif fallback == "skip" and m.denoise != "none":
         stats["denoise_scores"] = "skipped (cross-encoder check failed)"
-    if len(train) > cfg.data.driver_max_examples:
+    if in_flow:
         examples, decided = decide_in_flow(ctx, plan, d, lexical, scores)
         rows: list[dict] = []
     else:
@@ -81,6 +74,47 @@ def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult
     if denoised:
         stats.update(dual_encoder_check(ctx, d.name, "md0", heldout))
     return StageResult(metrics, stats)
+
+
+def mining_plan(cfg: Config, scoring: bool) -> MiningPlan:
+    """How each question's rows are decided: the denoise rule (None: no scores), the pool size, the negatives per
+    row, the seed and the candidates' sources."""
+    m = cfg.mining
+    rule = DenoiseRule(m.denoise, m.denoise_threshold, m.denoise_relative, m.denoise_margin) if scoring else None
+    return MiningPlan(rule, m.denoise_top + m.bm25_negatives, cfg.dual.num_hard_negatives, m.seed,
+                      ("md0", "bm25") if m.bm25_negatives else ("md0",))
+
+
+def denoise_scores(ctx: Context, d: Path, lexical: RankedIds, fused: bool, in_flow: bool) -> Path:
+    """The scores denoising decides on: the cross-encoder's probabilities for md0's top `denoise_top` candidates,
+    BM25's additions and each question's positive, or (`fused`: the cross-encoder alone failed its check) their
+    fusion with M_D0's and BM25's scores by the fusion step 2 fit for M_D0 on dev. In flows (`in_flow`) each pair
+    gets its dense and BM25 features while it has its texts and is fused by a Ray Data map; else the driver fuses
+    (`fused_md0_scores`) and writes the result to d/SCORES."""
+    from rocketqa_ray.batch.pair_dense import DenseFeature
+    from rocketqa_ray.batch.pair_flow import fuse_pair_files
+
+    m, train = ctx.cfg.mining, ctx.splits.train
+    # the positive is scored too: the bar of a relative/margin rule, the teacher's score of the positive for
+    # distillation, and what lets bench/denoise_rules.py compare every rule on the same scores. md0's candidates
+    # are scored from its candidates folder, joined to their texts by Ray Data; only BM25's additions and the gold
+    # positives travel as ids from here
+    gold = gold_positive(ctx, train)
+    mined = {(q, p) for q, ps in train_top(ctx, "md0").items() for p in ps[: m.denoise_top]} if lexical else set()
+    extra = list(dict.fromkeys([*((q, p) for q, ps in lexical.items() for p in ps if (q, p) not in mined),
+                                *gold.items()]))
+    fusion = md0_fusion(ctx) if fused else None
+    if fusion is not None and in_flow:
+        enc = ctx.cfg.encode
+        features = {"dense": DenseFeature(str(ctx.stage_dir("md0") / "model"), enc.batch_size, enc.bf16),
+                    "bm25": ctx.bm25_feature() if fusion.uses_bm25 else None}
+        scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores", features)
+        return fuse_pair_files(scores, fusion, d / "fused_scores", ctx.cfg.ray)
+    scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores")
+    if fused:
+        raw = read_pair_scores(scores)
+        return write_scores(fused_md0_scores(ctx, list(raw), raw), gold, d / SCORES)
+    return scores
 
 
 def decide_in_driver(ctx: Context, plan: MiningPlan, d: Path, lexical: RankedIds,
@@ -158,14 +192,20 @@ def write_scores(scores: PairScores, gold: dict[str, str], path: Path) -> Path:
     return path
 
 
+def md0_fusion(ctx: Context) -> Fusion | None:
+    """The fusion step 2 fit for M_D0 on held-out dev (`mc/rerank_check.json`; None: the cross-encoder alone)."""
+    from rocketqa_ray.io import read_json
+    from rocketqa_ray.retrieval.rerank_check import RERANK_CHECK, RerankCheck
+
+    return RerankCheck.from_dict(read_json(ctx.stage_dir("mc") / RERANK_CHECK)).fusion
+
+
 def fused_md0_scores(ctx: Context, pairs: list[tuple[str, str]], ce: PairScores) -> PairScores:
     """The cross-encoder's probabilities for M_D0's candidates fused with M_D0's and BM25's scores, by the fusion
     step 2 fit for M_D0 on held-out dev (`mc/rerank_check.json`)."""
-    from rocketqa_ray.io import read_json
     from rocketqa_ray.retrieval.fusion import fuse_scores
-    from rocketqa_ray.retrieval.rerank_check import RERANK_CHECK, RerankCheck
 
-    fusion = RerankCheck.from_dict(read_json(ctx.stage_dir("mc") / RERANK_CHECK)).fusion
+    fusion = md0_fusion(ctx)
     if fusion is None:
         return ce
     dense = dense_scores(ctx, "md0", pairs)

@@ -90,7 +90,6 @@ def label_in_flow(ctx: Context, cfg: Config, d: Path) -> tuple[Path | None, dict
     it) by the pair flow, labelled per question by Ray Data (`batch.pseudo_flow`) and given their texts by the
     examples flow; the driver writes the questions and passes paths. Returns the examples folder (None when no
     question was labelled) and the same stats as `label_in_driver`."""
-    from rocketqa_ray.batch.bm25_stats import BM25Feature
     from rocketqa_ray.batch.examples_flow import examples_flow
     from rocketqa_ray.batch.negatives_flow import write_ranked
     from rocketqa_ray.batch.pair_flow import score_pair_files
@@ -105,9 +104,7 @@ def label_in_flow(ctx: Context, cfg: Config, d: Path) -> tuple[Path | None, dict
     questions = write_pseudo_questions([(q, ctx.qtext(q), list(qrels[q]) if q in qrels else None) for q in pseudo_q],
                                        inputs / "questions.parquet")
     fused = fusion(ctx)
-    feature = None
-    if fused is not None and fused.uses_bm25:
-        feature = BM25Feature(str(ctx.bm25_stats_dir()), cfg.bm25.k1, cfg.bm25.b)
+    feature = ctx.bm25_feature() if fused is not None and fused.uses_bm25 else None
     scores = score_pair_files(ctx.stage_dir("mc") / "model", ctx.corpus_store, questions, d / "pseudo_scores",
                               cfg.encode, candidates=cands, top=m.pseudo_top_k, ray_cfg=cfg.ray, bm25=feature)
     known_file = write_ranked({q: list(known[q]) for q in pseudo_q if q in known}, inputs / "known.parquet") \
