@@ -104,13 +104,14 @@ def denoise_scores(ctx: Context, d: Path, lexical: RankedIds, fused: bool, in_fl
     extra = list(dict.fromkeys([*((q, p) for q, ps in lexical.items() for p in ps if (q, p) not in mined),
                                 *gold.items()]))
     fusion = md0_fusion(ctx) if fused else None
-    if fusion is not None and in_flow:
+    features = None
+    if in_flow and fusion is not None:  # the fusion's features come with each pair, where it has its texts
         enc = ctx.cfg.encode
         features = {"dense": DenseFeature(str(ctx.stage_dir("md0") / "model"), enc.batch_size, enc.bf16),
                     "bm25": ctx.bm25_feature() if fusion.uses_bm25 else None}
-        scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores", features)
-        return fuse_pair_files(scores, fusion, d / "fused_scores", ctx.cfg.ray)
-    scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores")
+    scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores", features)
+    if in_flow:  # no fusion fit: the cross-encoder's probability alone, as fused_md0_scores gives
+        return fuse_pair_files(scores, fusion, d / "fused_scores", ctx.cfg.ray) if fusion is not None else scores
     if fused:
         raw = read_pair_scores(scores)
         return write_scores(fused_md0_scores(ctx, list(raw), raw), gold, d / SCORES)
