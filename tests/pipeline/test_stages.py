@@ -671,7 +671,7 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     from rocketqa_ray.batch.negatives_flow import read_pools
     from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.pipeline.checks import ce_fallback
-    from rocketqa_ray.pipeline.stages.step3_md1 import fused_md0_scores
+    from rocketqa_ray.pipeline.stages.step3_md1 import md0_fusion
 
     run("mc")
     # with distillation on as well: the same scores become md1's soft targets; and every question's rows are
@@ -685,10 +685,11 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     if run.dir("bm25_stats").exists():  # corpus statistics of the BM25 feature, built once per run
         shutil.copytree(run.dir("bm25_stats"), other.dir("bm25_stats"))
     res = other("md1")
-    raw = read_pair_scores(other.dir("md1") / "denoise_scores")
-    # what the rule judged: the cross-encoder's probabilities, or their fusion where M_C failed its check
-    fused = ce_fallback(other.dir("mc")) == "fused"
-    scores = fused_md0_scores(other.ctx, list(raw), raw) if fused else raw
+    # what the rule judged: the cross-encoder's probabilities, or, where M_C failed its check, their fusion with
+    # M_D0's and BM25's scores, which the flow path fuses per pair (`pair_flow.fuse_pair_files`; equal to the
+    # driver's `fused_md0_scores` within 1e-4: tests/pipeline/test_checks.py)
+    fused = ce_fallback(other.dir("mc")) == "fused" and md0_fusion(other.ctx) is not None
+    scores = read_pair_scores(other.dir("md1") / ("fused_scores" if fused else "denoise_scores"))
     # decided per question by Ray Data (the corpus-scale path): what denoising kept rides on the flow's rows
     pool = read_pools(other.dir("md1") / "decided")
     assert not (other.dir("md1") / "hard_negative_pool.json").exists()
