@@ -14,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+# Serve's direct ingress holds every stopping ingress replica for 30 s so an external load balancer can deregister
+# it; the tests' apps on 127.0.0.1 have none, and each app deleted or shut down waited those 30 s
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_STAGES = ("bm25", "md0", "mc")
