@@ -671,7 +671,7 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     from rocketqa_ray.batch.negatives_flow import read_pools
     from rocketqa_ray.batch.pair_flow import read_pair_scores
     from rocketqa_ray.pipeline.checks import ce_fallback
-    from rocketqa_ray.pipeline.stages.step3_md1 import md0_fusion
+    from rocketqa_ray.pipeline.stages.step3_md1 import FUSED_SCORES, md0_fusion
 
     run("mc")
     # with distillation on as well: the same scores become md1's soft targets; and every question's rows are
@@ -689,7 +689,7 @@ def test_md1_relative_denoising_judges_against_each_positive(run, small_data, tm
     # M_D0's and BM25's scores, which the flow path fuses per pair (`pair_flow.fuse_pair_files`; equal to the
     # driver's `fused_md0_scores` within 1e-4: tests/pipeline/test_checks.py)
     fused = ce_fallback(other.dir("mc")) == "fused" and md0_fusion(other.ctx) is not None
-    scores = read_pair_scores(other.dir("md1") / ("fused_scores" if fused else "denoise_scores"))
+    scores = read_pair_scores(other.dir("md1") / (FUSED_SCORES if fused else "denoise_scores"))
     # decided per question by Ray Data (the corpus-scale path): what denoising kept rides on the flow's rows
     pool = read_pools(other.dir("md1") / "decided")
     assert not (other.dir("md1") / "hard_negative_pool.json").exists()

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 SECTIONS = ("data", "model", "dual", "mining", "index", "eval", "bm25", "distill")
 POOL = "hard_negative_pool.json"
 SCORES = "denoise_scores.parquet"  # the scores denoising used (fused under the fallback), the positives flagged
+FUSED_SCORES = "fused_scores"  # in flows under the fallback: the pairs with their fused score (and `ce`)
 
 
 def train_md1(ctx: Context, cfg: Config, d: Path, denoised: bool) -> StageResult:
@@ -111,7 +112,7 @@ def denoise_scores(ctx: Context, d: Path, lexical: RankedIds, fused: bool, in_fl
                     "bm25": ctx.bm25_feature() if fusion.uses_bm25 else None}
     scores = candidate_score_folder(ctx, "md0", m.denoise_top, extra, train, d / "denoise_scores", features)
     if in_flow:  # no fusion fit: the cross-encoder's probability alone, as fused_md0_scores gives
-        return fuse_pair_files(scores, fusion, d / "fused_scores", ctx.cfg.ray) if fusion is not None else scores
+        return fuse_pair_files(scores, fusion, d / FUSED_SCORES, ctx.cfg.ray) if fusion is not None else scores
     if fused:
         raw = read_pair_scores(scores)
         return write_scores(fused_md0_scores(ctx, list(raw), raw), gold, d / SCORES)
