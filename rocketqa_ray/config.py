@@ -245,6 +245,8 @@ class EncodeConfig:
     bf16: AutoBool = setting("auto", help="bf16 autocast; auto = on a CPU with avx512_bf16 or on CUDA")
     sort_by_length: bool = setting(True, help="batch texts of similar length together (less padding)")
     rows_per_shard: int = setting(4096, ge=1, help="texts per Parquet output shard (the unit of resuming)")
+    shards_per_call: int = setting(1, ge=1, help="shards an actor takes at once; > 1 reads the next shard and writes "
+                                   "the last while one is computed (keeps a GPU busy through Parquet I/O)")
     driver_max_queries: int = setting(4096, ge=0, help="query sets up to this size are encoded in the driver: an actor "
                                       "pool and its model load (~7 s) cost more than a few thousand queries")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import resource
 import shutil
 import time
@@ -220,25 +221,35 @@ class ShardActor:
         self.fn = fn_cls(**fn_kwargs)
 
     def __call__(self, tasks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done: dict[str, list] = {"shard": [], "rows": [], "seconds": [], "max_rss_mb": []}
-        for i in range(len(tasks["shard"])):
-            t0 = time.perf_counter()
-            table = pq.read_table(str(tasks["input"][i]))
-            batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-            out = to_table(self.fn(batch))
-            rows = out.column("row").to_numpy()
-            start, stop = int(tasks["start"][i]), int(tasks["stop"][i])
-            if len(rows) != stop - start or not np.array_equal(rows, np.arange(start, stop)):
-                raise RuntimeError(f"shard {int(tasks['shard'][i])}: output rows do not match input rows {start}..{stop}")
-            meta = {"shard": int(tasks["shard"][i]), "start": start, "stop": stop, "digest": str(tasks["digest"][i])}
-            out = out.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-            with atomic_path(str(tasks["output"][i])) as tmp:
-                pq.write_table(out, tmp)
-            done["shard"].append(meta["shard"])
-            done["rows"].append(stop - start)
-            done["seconds"].append(time.perf_counter() - t0)
-            done["max_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return {k: np.asarray(v) for k, v in done.items()}
+        from rocketqa_ray.batch.overlap import overlapped
+
+        items = [{k: tasks[k][i] for k in tasks} for i in range(len(tasks["shard"]))]
+        # several shards per call: the next shard is read and the last one written while this one is computed
+        stats = overlapped(items, self.read, self.compute, self.write)
+        return {k: np.asarray([s[k] for s in stats]) for k in ("shard", "rows", "seconds", "max_rss_mb")}
+
+    def read(self, task: dict) -> tuple[float, dict[str, np.ndarray]]:
+        t0 = time.perf_counter()
+        table = pq.read_table(str(task["input"]))
+        return t0, {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+    def compute(self, read: tuple[float, dict[str, np.ndarray]]) -> tuple[float, pa.Table]:
+        t0, batch = read
+        return t0, to_table(self.fn(batch))
+
+    def write(self, task: dict, computed: tuple[float, pa.Table]) -> dict:
+        t0, out = computed
+        rows = out.column("row").to_numpy()
+        start, stop = int(task["start"]), int(task["stop"])
+        if len(rows) != stop - start or not np.array_equal(rows, np.arange(start, stop)):
+            raise RuntimeError(f"shard {int(task['shard'])}: output rows do not match input rows {start}..{stop}")
+        meta = {"shard": int(task["shard"]), "start": start, "stop": stop, "digest": str(task["digest"])}
+        out = out.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        with atomic_path(str(task["output"])) as tmp:
+            pq.write_table(out, tmp)
+        # seconds: from this shard's read to its write, so with overlap the sum over shards exceeds the wall time
+        return {"shard": meta["shard"], "rows": stop - start, "seconds": time.perf_counter() - t0,
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_shards(plan: ShardPlan, fn_cls: type, fn_kwargs: dict, cfg: EncodeConfig,
@@ -258,12 +269,13 @@ def run_shards(plan: ShardPlan, fn_cls: type, fn_kwargs: dict, cfg: EncodeConfig
     ensure_ray(ray_cfg)
     actors = max(1, min(cfg.num_actors, len(plan.todo)))
     t0 = time.perf_counter()
-    # One block per shard, so that shards spread over the pool instead of queueing behind one actor.
-    ds = ray.data.from_items([asdict(t) for t in plan.todo], override_num_blocks=len(plan.todo))
+    # One block per call's shards, so that shards spread over the pool instead of queueing behind one actor.
+    ds = ray.data.from_items([asdict(t) for t in plan.todo],
+                             override_num_blocks=math.ceil(len(plan.todo) / cfg.shards_per_call))
     ds = ds.map_batches(
         ShardActor,
         fn_constructor_kwargs={"fn_cls": fn_cls, "fn_kwargs": fn_kwargs},
-        batch_size=1,
+        batch_size=cfg.shards_per_call,
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -84,6 +85,16 @@ def test_ray_embeddings_equal_in_process(encoded, corpus200, model_a):
     assert schema.field("emb").type == pa.list_(pa.float32(), 32)
     # the shard iterator gives the same rows, shard by shard
     assert [len(i) for i, _ in iter_embeddings(encoded)] == [64, 64, 64, 8]
+
+
+def test_several_shards_per_call_give_the_same_parts(encoded, corpus200, model_a, tmp_path):
+    # 4 shards, 3 per call: one actor reads, computes and writes three shards overlapped, the other one
+    out = encode_corpus(corpus200, model_a, tmp_path / "overlap", dataclasses.replace(CFG, shards_per_call=3))
+    info = json.loads((out / "_SUCCESS.json").read_text())
+    assert info["run"]["computed_shards"] == [0, 1, 2, 3]
+    for a, b in zip(iter_embeddings(encoded), iter_embeddings(out), strict=True):
+        assert a[0] == b[0]
+        np.testing.assert_array_equal(a[1], b[1])
 
 
 def test_resume_recomputes_only_the_missing_shard(encoded, corpus200, model_a, tmp_path):
