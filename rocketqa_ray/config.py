@@ -30,6 +30,7 @@ IndexKind = Literal["flat", "ivfpq", "hnsw", "auto"]
 IndexRefine = Literal["none", "flat", "sq8"]
 CeFallback = Literal["fused", "skip"]
 CrossInit = Literal["base", "md0"]
+PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
 DenoiseKind = Literal["threshold", "relative", "margin", "none"]
 DistillKind = Literal["none", "kl", "margin_mse"]
 
@@ -259,6 +260,9 @@ class RayConfig:
     num_workers: int = setting(2, ge=1, help="Ray Train workers")
     cpus_per_worker: float = setting(1.0, gt=0, help="CPUs reserved per Ray Train worker")
     use_gpu: bool = setting(False, help="Ray Train workers train on one GPU each")
+    placement_strategy: PlacementStrategy = setting(
+        "PACK", help="Ray Train's placement of its workers: STRICT_PACK puts them all on one node, so the cross-batch "
+        "all-gathers stay on that node's NVLink (the node must have num_workers GPUs); PACK may spread them")
     max_failures: int = setting(2, ge=-1, help="times Ray Train restarts a failed run from its last checkpoint")
     local_num_cpus: int | None = setting(4, ge=1, help="logical CPUs for a local ray.init (oversubscribed on purpose, "
                                          "see README); None = the machine's")

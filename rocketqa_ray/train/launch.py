@@ -128,7 +128,8 @@ def _fit(kind: str, cfg: Config, examples_path: Examples, out_dir: str | Path, i
         worker_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.ray.placement_strategy),
         run_config=ray.train.RunConfig(
             storage_path=str(out_dir), name=RUN_DIR_NAME,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),

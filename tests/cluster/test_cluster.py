@@ -105,6 +105,8 @@ def test_paper_preset_fits_the_node_types(cluster_cfg):
     train = {"CPU": cfg.ray.cpus_per_worker * cfg.ray.num_workers, "GPU": cfg.ray.num_workers if cfg.ray.use_gpu else 0}
     # All Train workers on one node: cross-batch negatives all-gather every step (NVLink, not the network).
     assert any(all(n.get(k, 0) >= v for k, v in train.items()) for n in nodes), f"no node type holds {train}"
+    # ... and Ray Train is told to keep them there, not merely allowed to
+    assert cfg.ray.placement_strategy == "STRICT_PACK"
     actor = {"CPU": cfg.encode.cpus_per_actor, "GPU": cfg.encode.gpus_per_actor}
     small = [n for n in nodes if n.get("GPU", 0) == 1]
     assert small and all(n.get(k, 0) >= v for k, v in actor.items() for n in small[:1]), \
