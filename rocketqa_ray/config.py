@@ -233,6 +233,8 @@ class IndexConfig:
     searcher_cpus: float = setting(0.5, gt=0, help="CPUs per searcher actor (faiss threads follow it)")
     shards_per_searcher: int = setting(1, ge=1, help="consecutive index shards one searcher actor holds (more when "
                                        "they fit its memory: fewer actors)")
+    searcher_gpus: float = setting(0.0, ge=0, help="GPUs Ray reserves per searcher actor; > 0 searches its shards on "
+                                   "the GPU (faiss-gpu, index.use_gpu auto/true), 0 on CPU")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rocketqa_ray.config import BM25Config, IndexConfig, ServeConfig, coerce
 from rocketqa_ray.errors import ConfigError, ServiceError
+from rocketqa_ray.index.gpu import for_actor_gpus
 from rocketqa_ray.serving.api import (
     MAX_BODY_BYTES,
     MAX_TOP_K,
@@ -260,7 +261,7 @@ class AppArgs:
     batching: bool = True
     autoscaling: bool = False  # replicas scale between 1 and <deployment>_replicas on ongoing requests
     num_gpus: float = 0.0  # per encoder/reranker replica; > 0 runs the models on CUDA
-    retriever_gpus: float = 0.0  # per Retriever replica; > 0 searches its shards on the GPU (faiss-gpu, index.use_gpu)
+    retriever_gpus: float = 0.0  # per Retriever replica; > 0 searches its shards on the GPU (faiss-gpu, index.use_gpu); 0 = on CPU
     torch_threads: int = 1  # per model replica (replicas share the machine's cores)
 
 
@@ -323,7 +324,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         ray_actor_options={"num_cpus": 0.1, **({"num_gpus": app_args.retriever_gpus} if app_args.retriever_gpus else {})},
         max_ongoing_requests=64,
         **_replicas(scfg.retriever_replicas, app_args.autoscaling, 8),
-    ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp, arts.cfg.index, arts.lexical,
+    ).bind(str(arts.index_dir), str(arts.corpus_path), dim, fp,
+           for_actor_gpus(arts.cfg.index, app_args.retriever_gpus, "retriever_gpus"), arts.lexical,
            str(arts.bm25_stats) if arts.bm25_stats else None, shards, str(arts.store_dir) if arts.store_dir else None)
         for g, shards in enumerate(groups)]
     reranker = Reranker.options(

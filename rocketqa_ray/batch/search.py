@@ -24,6 +24,7 @@ import numpy as np
 from rocketqa_ray.config import EncodeConfig, IndexConfig, RayConfig
 from rocketqa_ray.console import Progress
 from rocketqa_ray.errors import DataError, as_user_error
+from rocketqa_ray.index.gpu import for_actor_gpus
 from rocketqa_ray.index.searcher import ShardSearcher, group_shards
 from rocketqa_ray.index.store import read_meta
 from rocketqa_ray.io import write_json
@@ -46,6 +47,7 @@ class Searchers:
         from rocketqa_ray.ray_utils import ensure_ray, spread_over_nodes
 
         cfg = cfg or IndexConfig()
+        cfg = for_actor_gpus(cfg, cfg.searcher_gpus, "index.searcher_gpus")
         ensure_ray(ray_cfg)
         meta = read_meta(index_dir, expect_fingerprint=expect_fingerprint)
         self.index_dir, self.metric = Path(index_dir), meta["metric"]
@@ -54,8 +56,9 @@ class Searchers:
         actor = ray.remote(ShardSearcher)
         threads = max(1, math.floor(cfg.searcher_cpus))
         where = spread_over_nodes(len(self.groups), cfg.searcher_cpus)
-        self.handles = [actor.options(num_cpus=cfg.searcher_cpus, max_restarts=-1, max_task_retries=-1,
-                                      scheduling_strategy=s).remote(str(index_dir), g, cfg, expect_fingerprint, threads)
+        self.handles = [actor.options(num_cpus=cfg.searcher_cpus, num_gpus=cfg.searcher_gpus or None, max_restarts=-1,
+                                      max_task_retries=-1, scheduling_strategy=s)
+                        .remote(str(index_dir), g, cfg, expect_fingerprint, threads)
                         for g, s in zip(self.groups, where)]
         try:  # surface a shard that cannot load now, as the one-line error it is
             self.ntotal = sum(ray.get([h.__ray_call__.remote(lambda s: s.ntotal) for h in self.handles]))

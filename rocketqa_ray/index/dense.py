@@ -41,7 +41,8 @@ import numpy as np
 
 from rocketqa_ray.config import IndexConfig
 from rocketqa_ray.errors import ConfigError, DataError
-from rocketqa_ray.index.factory import apply_search_params, load_faiss, new_index, to_gpu, want_gpu
+from rocketqa_ray.index.factory import apply_search_params, load_faiss, new_index, want_gpu
+from rocketqa_ray.index.gpu import PlacedIndex, to_gpu
 from rocketqa_ray.index.search import merge_topk, offset_rows
 
 FORMAT_VERSION = 3  # 3: one ids file per shard (2: ids.parquet, 1: ids.json; both still read)
@@ -111,7 +112,7 @@ class DenseIndex:
         self._template = template  # an empty, trained faiss index: each new shard is a clone of it
         self._shards: list[Any] = []  # CPU faiss indexes; shard j holds rows offsets[j] .. offsets[j]+ntotal
         self._offsets: list[int] = []
-        self._gpu: list[Any] | None = None  # lazily made GPU copies, dropped on add
+        self._gpu: list[PlacedIndex] | None = None  # lazily made GPU copies, dropped on add
         self._id_set: set[str] | None = None
 
     @classmethod
@@ -200,16 +201,14 @@ class DenseIndex:
     def finalize(self) -> None:
         """Move to GPU when configured; called by the builders and by `load`."""
         if want_gpu(self.cfg) and self._gpu is None:
-            copies = [to_gpu(s, self.kind) for s in self._shards]
+            copies = [to_gpu(s, self.kind, self.cfg) for s in self._shards]
             if all(c is not None for c in copies):
                 self._gpu = copies
-                for c in copies:
-                    self._apply_search_params(c, gpu=True)
 
     # ------------------------------------------------------------------ search
 
-    def _apply_search_params(self, index: Any, gpu: bool = False) -> None:
-        apply_search_params(index, self.kind, self.cfg, gpu)
+    def _apply_search_params(self, index: Any) -> None:
+        apply_search_params(index, self.kind, self.cfg)
 
     def set_search_params(
         self, nprobe: int | None = None, ef_search: int | None = None, refine_k_factor: float | None = None
@@ -223,8 +222,8 @@ class DenseIndex:
             self.cfg.refine_k_factor = float(refine_k_factor)
         for s in self._shards:
             self._apply_search_params(s)
-        for s in self._gpu or []:
-            self._apply_search_params(s, gpu=True)
+        for g in self._gpu or []:
+            g.set_search_params(self.cfg)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows for each query.

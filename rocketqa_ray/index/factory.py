@@ -1,5 +1,5 @@
 """Which FAISS index to build, decided once: kind ("auto" resolved here), IVF lists, PQ size, factory string,
-search parameters and GPU placement. Ray-free.
+search parameters, and whether to search on GPU. Ray-free; placing an index on GPU is `index.gpu`.
 """
 
 from __future__ import annotations
@@ -135,28 +135,24 @@ def new_index(kind: str, dim: int, cfg: IndexConfig, n_total: int, train: np.nda
     return template, factory
 
 
-def apply_search_params(index: Any, kind: str, cfg: IndexConfig, gpu: bool = False) -> None:
-    """Set `cfg`'s speed/recall knobs (IVF nprobe and refine factor, HNSW efSearch) on a faiss index."""
-    faiss = load_faiss()
-    ps = faiss.GpuParameterSpace() if gpu and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
-    try:
-        if kind == "ivfpq":
-            ps.set_index_parameter(index, "nprobe", int(cfg.nprobe))
-            if cfg.refine != "none":
-                ps.set_index_parameter(index, "k_factor_rf", float(cfg.refine_k_factor))
-        elif kind == "hnsw":
-            ps.set_index_parameter(index, "efSearch", int(cfg.ef_search))
-    except RuntimeError as e:
-        if not gpu:
-            raise
-        log.warning("could not set search parameters on the GPU index (%s)", str(e).splitlines()[0])
+def apply_search_params(index: Any, kind: str, cfg: IndexConfig) -> None:
+    """Set `cfg`'s speed/recall knobs (IVF nprobe and refine factor, HNSW efSearch) on a CPU faiss index
+    (`index.gpu.PlacedIndex.set_search_params` for one on GPU)."""
+    ps = load_faiss().ParameterSpace()
+    if kind == "ivfpq":
+        ps.set_index_parameter(index, "nprobe", int(cfg.nprobe))
+        if cfg.refine != "none":
+            ps.set_index_parameter(index, "k_factor_rf", float(cfg.refine_k_factor))
+    elif kind == "hnsw":
+        ps.set_index_parameter(index, "efSearch", int(cfg.ef_search))
 
 
 # ----------------------------------------------------------------------------------------------------
-# GPU (guarded: only used when faiss has GPU support and a device is visible)
+# GPU: whether to use one (placing an index there is `index.gpu`)
 
 
 def gpu_count() -> int:
+    """GPUs faiss can use in this process (0 with faiss-cpu or without a visible CUDA device)."""
     faiss = load_faiss()
     if not hasattr(faiss, "get_num_gpus"):
         return 0
@@ -167,6 +163,7 @@ def gpu_count() -> int:
 
 
 def want_gpu(cfg: IndexConfig) -> bool:
+    """Whether to search on GPU: `index.use_gpu` true (a GPU is then required), auto (when one is visible), false."""
     if cfg.use_gpu not in USE_GPU:
         raise ConfigError(f"index.use_gpu={cfg.use_gpu!r} is not one of: {', '.join(USE_GPU)}")
     if cfg.use_gpu == "false":
@@ -180,17 +177,8 @@ def want_gpu(cfg: IndexConfig) -> bool:
     return n > 0
 
 
-def to_gpu(index: Any, kind: str) -> Any:
-    """A copy of `index` spread over all GPUs, or None when faiss cannot put this kind there."""
-    faiss = load_faiss()
-    if kind == "hnsw":
-        log.info("faiss has no GPU HNSW; searching HNSW on CPU")
-        return None
-    try:
-        co = faiss.GpuMultipleClonerOptions()
-        co.useFloat16 = True  # IVF-PQ lookup tables in fp16: needed for pq_m > 48 on GPU, harmless otherwise
-        co.shard = True  # split the vectors across GPUs rather than replicate them
-        return faiss.index_cpu_to_all_gpus(index, co=co)
-    except Exception as e:  # noqa: BLE001
-        log.warning("could not move the %s index to GPU (%s); searching on CPU", kind, e)
-        return None
+def to_gpu(index: Any, kind: str, cfg: IndexConfig | None = None) -> Any:
+    """`index.gpu.to_gpu` (a PlacedIndex, or None on CPU), under the name scripts already call."""
+    from rocketqa_ray.index import gpu  # imported here: index.gpu builds on this module
+
+    return gpu.to_gpu(index, kind, cfg)

@@ -15,7 +15,8 @@ import pyarrow as pa
 from rocketqa_ray.config import IndexConfig
 from rocketqa_ray.errors import DataError
 from rocketqa_ray.index.dense import as_matrix
-from rocketqa_ray.index.factory import apply_search_params, load_faiss, to_gpu, want_gpu
+from rocketqa_ray.index.factory import apply_search_params, load_faiss, want_gpu
+from rocketqa_ray.index.gpu import to_gpu
 from rocketqa_ray.index.search import merge_topk, offset_rows
 from rocketqa_ray.index.store import read_meta, read_shard, read_shard_ids, search_config
 
@@ -44,6 +45,7 @@ class ShardSearcher:
         self.cfg = search_config(meta, cfg)
         self.first_row = int(sum(sizes[: shards[0]]))
         self._indexes, self._offsets, ids = [], [], []
+        gpu = want_gpu(self.cfg)
         off = self.first_row
         for j in shards:
             index = read_shard(path, meta, j)
@@ -52,11 +54,9 @@ class ShardSearcher:
                 raise DataError(f"{path}: shard {j} has {index.ntotal} vectors, {len(part)} ids and {sizes[j]} in "
                                 "meta.json; the index is corrupt: rebuild it with jobs/index.py")
             apply_search_params(index, self.kind, self.cfg)
-            if want_gpu(self.cfg):
-                gpu = to_gpu(index, self.kind)
-                if gpu is not None:
-                    apply_search_params(gpu, self.kind, self.cfg, gpu=True)
-                    index = gpu
+            placed = to_gpu(index, self.kind, self.cfg) if gpu else None
+            if placed is not None:
+                index = placed  # holds the CPU index too where its re-rank store stays on CPU
             self._indexes.append(index)
             self._offsets.append(off)
             off += index.ntotal
