@@ -147,18 +147,19 @@ def torch_threads_for(cpus: float) -> int:
     return max(1, int(round(cpus)))
 
 
-def model_in_actor(model_class, model_dir: str, cpus: float, gpus: float):
+def model_in_actor(model_class, model_dir: str, cpus: float, gpus: float, bf16: str):
     """A model for an actor of a flow: library chatter quieted, torch's threads matched to the actor's `cpus`,
-    `model_class.load(model_dir)` on the actor's device in eval mode. Returns (model, device)."""
+    `model_class.load(model_dir)` on the actor's device, ready for inference (`modeling.base.for_inference`: bf16
+    weights on a GPU). Returns (model, device)."""
     import torch
 
     from rocketqa_ray.console import quiet_libraries
-    from rocketqa_ray.modeling.base import device_for
+    from rocketqa_ray.modeling.base import device_for, for_inference
 
     quiet_libraries()
     torch.set_num_threads(torch_threads_for(cpus))
     device = device_for(gpus)
-    return model_class.load(model_dir).to(device).eval(), device
+    return for_inference(model_class.load(model_dir), bf16, device), device
 
 
 def as_completed(refs: list) -> Iterator:

@@ -51,7 +51,7 @@ class EncoderActor:
         from rocketqa_ray.modeling.dual_encoder import DualEncoder
         from rocketqa_ray.ray_utils import model_in_actor
 
-        self.model, self.device = model_in_actor(DualEncoder, model_dir, cpus, gpus)
+        self.model, self.device = model_in_actor(DualEncoder, model_dir, cpus, gpus, bf16)
         self.kind, self.batch_size, self.bf16, self.sort = kind, batch_size, bf16, sort_by_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

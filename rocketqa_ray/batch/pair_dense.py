@@ -29,7 +29,7 @@ class PairDense:
         from rocketqa_ray.modeling.dual_encoder import DualEncoder
         from rocketqa_ray.ray_utils import model_in_actor
 
-        self.model, self.device = model_in_actor(DualEncoder, feature.model_dir, cpus, gpus)
+        self.model, self.device = model_in_actor(DualEncoder, feature.model_dir, cpus, gpus, feature.bf16)
         self.feature = feature
 
     def __call__(self, batch: pa.Table) -> pa.Table:

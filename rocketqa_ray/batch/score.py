@@ -33,7 +33,7 @@ class ScorerActor:
         from rocketqa_ray.modeling.cross_encoder import CrossEncoder
         from rocketqa_ray.ray_utils import model_in_actor
 
-        self.model, self.device = model_in_actor(CrossEncoder, model_dir, cpus, gpus)
+        self.model, self.device = model_in_actor(CrossEncoder, model_dir, cpus, gpus, bf16)
         self.batch_size, self.bf16 = batch_size, bf16
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

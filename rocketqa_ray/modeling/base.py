@@ -150,21 +150,48 @@ def length_order(texts: list[str]) -> np.ndarray:
 
 
 def batched_inference(model: torch.nn.Module, texts: list[str], batch_size: int, bf16: str,
-                      device: torch.device | str | None, forward: Callable[[list[int], torch.device], torch.Tensor],
-                      sort_by_length: bool = True) -> np.ndarray:
-    """`forward(indices, device)` over batches of `batch_size` inputs (longest of `texts` first, so batches pad
-    little), under no_grad and the `bf16` autocast setting; float32 outputs back in input order: [N] or [N, H]."""
+                      device: torch.device | str | None, featurize: Callable[[list[int]], dict[str, torch.Tensor]],
+                      run: Callable[[dict[str, torch.Tensor]], torch.Tensor], sort_by_length: bool = True) -> np.ndarray:
+    """`run(featurize(indices))` over batches of `batch_size` inputs (longest of `texts` first, so batches pad
+    little), under no_grad and the `bf16` autocast setting; float32 outputs back in input order: [N] or [N, H].
+
+    `featurize` (tokenising, on the host) prepares the next batch in a background thread while `run` computes
+    this one; on CUDA its tensors are pinned and copied without blocking, and the outputs stay on the device until
+    the end, so the host never waits for the device between batches (one copy back, one sync).
+    """
+    from rocketqa_ray.modeling.prefetch import Prefetcher, to_device
+
     device = torch.device(device or default_device())
     model.to(device).eval()
     order = length_order(texts) if sort_by_length else np.arange(len(texts))
-    out: np.ndarray | None = None
-    with torch.no_grad(), autocast(use_bf16(bf16, device), device):
-        for idx in batched(list(order), batch_size):
-            y = forward(idx, device).float().cpu().numpy()
-            if out is None:
-                out = np.zeros((len(texts), *y.shape[1:]), dtype=np.float32)
-            out[idx] = y
-    return out if out is not None else np.zeros(0, dtype=np.float32)
+    batches = [list(b) for b in batched(list(order), batch_size)]
+    # weights already in bf16 (`for_inference`) need no autocast
+    cast = use_bf16(bf16, device) and next(model.parameters()).dtype != torch.bfloat16
+    with torch.no_grad(), autocast(cast, device):
+        if len(batches) <= 1:  # nothing to overlap: no thread
+            outs = [run(to_device(featurize(b), device)).float() for b in batches]
+        else:
+            with Prefetcher(batches, featurize, depth=2,
+                            pin_device=device if device.type == "cuda" else None) as ready:
+                outs = [run(to_device(features, device)).float() for features in ready]
+    if not outs:
+        return np.zeros(0, dtype=np.float32)
+    y = torch.cat(outs).cpu().numpy()
+    out = np.empty_like(y)
+    out[np.concatenate(batches)] = y
+    return out
+
+
+def for_inference(model: torch.nn.Module, bf16: str, device: torch.device | str) -> torch.nn.Module:
+    """A model that will only ever run inference (encoding and scoring actors, Serve replicas) on `device`, in eval
+    mode; on CUDA with bf16 on, with its weights in bf16: faster than autocast, which re-casts every weight and
+    runs LayerNorm in fp32 on every forward (cosine to fp32 >= 0.999, measured by bench/gpu_check.py). On the CPU
+    the weights stay fp32 and autocast decides, as everywhere else."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    if device.type == "cuda" and use_bf16(bf16, device):
+        model = model.to(torch.bfloat16)
+    return model
 
 
 def device_for(gpus: float) -> torch.device:

@@ -59,11 +59,14 @@ class CrossEncoder(nn.Module):
             (tmp / META_FILE).write_text(json.dumps({"kind": "cross_encoder", "max_len": self.max_len, **(extra_meta or {})}))
         return path
 
-    def tokenize(self, questions: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, questions: list[str], passages: list[str], tokenizer: Any = None) -> dict[str, torch.Tensor]:
+        """`tokenizer`: a copy of `self.tokenizer` owned by the calling thread (a fast tokenizer is not safe to
+        use from two threads at once); None: the model's own."""
+        tok = self.tokenizer if tokenizer is None else tokenizer
         # longest_first cuts the passage alone while the question fits in half of max_len (then it equals
         # only_second) and the question too when it does not, where only_second raises instead
-        return dict(self.tokenizer(questions, passages, padding=True, truncation="longest_first",
-                                   max_length=self.max_len, return_tensors="pt"))
+        return dict(tok(questions, passages, padding=True, truncation="longest_first",
+                        max_length=self.max_len, return_tensors="pt"))
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised pairs -> [B] logits."""
@@ -73,9 +76,6 @@ class CrossEncoder(nn.Module):
               device: torch.device | str | None = None) -> np.ndarray:
         """In-process scoring: probabilities in [0, 1], in input order."""
 
-        def forward(idx: list[int], dev: torch.device) -> torch.Tensor:
-            feats = self.tokenize([questions[i] for i in idx], [passages[i] for i in idx])
-            return torch.sigmoid(self({k: v.to(dev) for k, v in feats.items()}))
-
-        return batched_inference(self, [q + p for q, p in zip(questions, passages)], batch_size, bf16,
-                                 device, forward)
+        return batched_inference(self, [q + p for q, p in zip(questions, passages)], batch_size, bf16, device,
+                                 lambda idx: self.tokenize([questions[i] for i in idx], [passages[i] for i in idx]),
+                                 lambda features: torch.sigmoid(self(features)))

@@ -102,9 +102,12 @@ class DualEncoder(nn.Module):
         return path
 
     # -- tokenisation and forward passes
-    def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], kind: str, tokenizer: Any = None) -> dict[str, torch.Tensor]:
+        """`tokenizer`: a copy of `self.tokenizer` owned by the calling thread (a fast tokenizer is not safe to
+        use from two threads at once); None: the model's own."""
         max_len = self.cfg.query_max_len if kind == "query" else self.cfg.passage_max_len
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
+        tok = self.tokenizer if tokenizer is None else tokenizer
+        return dict(tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
 
     def _embed(self, model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(**features).last_hidden_state
@@ -123,14 +126,11 @@ class DualEncoder(nn.Module):
     def encode(self, texts: list[str], kind: str = "passage", batch_size: int = 64, bf16: str = "auto",
                device: torch.device | str | None = None, sort_by_length: bool = True) -> np.ndarray:
         """In-process inference: texts -> float32 [N, H] array, in input order."""
-        fn = self.encode_queries if kind == "query" else self.encode_passages
-
-        def forward(idx: list[int], dev: torch.device) -> torch.Tensor:
-            return fn({k: v.to(dev) for k, v in self.tokenize([texts[i] for i in idx], kind).items()})
-
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return batched_inference(self, texts, batch_size, bf16, device, forward, sort_by_length)
+        return batched_inference(self, texts, batch_size, bf16, device,
+                                 lambda idx: self.tokenize([texts[i] for i in idx], kind),
+                                 self.encode_queries if kind == "query" else self.encode_passages, sort_by_length)
 
 
 def _save_st_folder(model: nn.Module, tokenizer: Any, path: Path, cfg: ModelConfig) -> None:

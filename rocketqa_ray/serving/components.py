@@ -36,14 +36,15 @@ class QueryEncoderCore:
     """The dual encoder's query tower."""
 
     def __init__(self, model_dir: str | Path, bf16: str = "auto", device: str | None = None):
-        from rocketqa_ray.modeling.base import model_fingerprint
+        import torch
+
+        from rocketqa_ray.modeling.base import default_device, for_inference, model_fingerprint
         from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
         self.model_dir = Path(model_dir)
-        self.model = DualEncoder.load(self.model_dir)
-        self.model.eval()
+        self.device = torch.device(device) if device else default_device()
+        self.model = for_inference(DualEncoder.load(self.model_dir), bf16, self.device)
         self.bf16 = bf16
-        self.device = device
         self.fingerprint = model_fingerprint(self.model_dir)
 
     @property
@@ -158,13 +159,15 @@ class RerankerCore:
     """The cross-encoder M_C: probability that a passage answers the question."""
 
     def __init__(self, model_dir: str | Path, bf16: str = "auto", device: str | None = None, batch_size: int = 64):
+        import torch
+
+        from rocketqa_ray.modeling.base import default_device, for_inference
         from rocketqa_ray.modeling.cross_encoder import CrossEncoder
 
         self.model_dir = Path(model_dir)
-        self.model = CrossEncoder.load(self.model_dir)
-        self.model.eval()
+        self.device = torch.device(device) if device else default_device()
+        self.model = for_inference(CrossEncoder.load(self.model_dir), bf16, self.device)
         self.bf16 = bf16
-        self.device = device
         self.batch_size = batch_size
 
     def score_many(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray]:

@@ -22,19 +22,29 @@ Encoder = Callable[[Features], torch.Tensor]  # features of N inputs -> [N, H] e
 
 
 class RandState:
-    """The CPU (and CUDA) RNG state at construction; `restore()` replays from it (dropout masks)."""
+    """The CPU RNG state at construction, and that of `device` when it is a CUDA device; `restore()` replays
+    from them (dropout masks).
 
-    def __init__(self) -> None:
+    Only the encoder's own device: capturing every visible GPU (`get_rng_state_all`) in every chunk touches
+    devices this worker never runs on (Ray Train shows a worker all the GPUs of its node).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        device = torch.device(device)
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.cuda_index: int | None = None
+        self.cuda: torch.Tensor | None = None
+        if device.type == "cuda":
+            self.cuda_index = torch.cuda.current_device() if device.index is None else device.index
+            self.cuda = torch.cuda.get_rng_state(self.cuda_index)
 
     @contextlib.contextmanager
     def restore(self) -> Iterator[None]:
-        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        devices = [] if self.cuda_index is None else [self.cuda_index]
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(self.cpu)
             if self.cuda is not None:
-                torch.cuda.set_rng_state_all(self.cuda)
+                torch.cuda.set_rng_state(self.cuda, self.cuda_index)
             yield
 
 
@@ -42,8 +52,11 @@ def split_features(features: Features, chunk: int) -> list[Features]:
     """Split tokenised inputs [N, L] into chunks of `chunk` rows, each cut to its own longest sequence.
 
     Assumes right padding (Hugging Face's default for BERT-style encoders): trimming trailing padding
-    columns changes no embedding.
+    columns changes no embedding. Meant for the CPU copy (the collate, before the step): reading a CUDA
+    mask's lengths would wait for the device once per chunk.
     """
+    if chunk < 1:
+        raise ValueError(f"grad cache chunk size must be at least 1, got {chunk}")
     n = next(iter(features.values())).shape[0]
     out = []
     for start in range(0, n, chunk):
@@ -56,12 +69,17 @@ def split_features(features: Features, chunk: int) -> list[Features]:
     return out
 
 
+def features_device(features: Features) -> torch.device:
+    """Where the encoder runs: the device of its inputs."""
+    return next(iter(features.values())).device if features else torch.device("cpu")
+
+
 def embed_no_grad(encode: Encoder, chunks: list[Features]) -> tuple[torch.Tensor, list[RandState]]:
     """Step 1: [N, H] embeddings without a graph, and the RNG state before each chunk."""
     embs, states = [], []
     with torch.no_grad():
         for part in chunks:
-            states.append(RandState())
+            states.append(RandState(features_device(part)))
             embs.append(encode(part))
     return torch.cat(embs, 0), states
 
@@ -88,11 +106,17 @@ def cached_backward(
               worker then must call this the same way). Returns the detached loss.
     The autocast context, if any, belongs inside the encode functions, so the loss runs in float32.
     """
-    if chunk < 1:
-        raise ValueError(f"grad cache chunk size must be at least 1, got {chunk}")
+    return cached_backward_chunks([(encode, split_features(f, chunk)) for encode, f in encoders], loss_fn)
+
+
+def cached_backward_chunks(
+    encoders: list[tuple[Encoder, list[Features]]],
+    loss_fn: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """`cached_backward` with the inputs already split into chunks (`split_features`), as the training step's
+    collate does ahead of the step."""
     cached = []
-    for encode, features in encoders:
-        chunks = split_features(features, chunk)
+    for encode, chunks in encoders:
         emb, states = embed_no_grad(encode, chunks)
         cached.append((encode, chunks, emb.detach().requires_grad_(True), states))
     loss = loss_fn(*[c[2] for c in cached])

@@ -5,8 +5,9 @@ Data order. Every worker reads the whole examples dataset in the same seeded ord
 `seed + epoch`) and takes its own slice of each global batch of `num_workers * batch_size` rows.
 So the run is deterministic: N workers with batch b see exactly the global batches of one process
 with batch N*b, every worker takes the same number of steps (no collective can hang on an uneven
-shard), and a resumed run skips exactly the batches already trained on. The price is that each
-worker reads all rows (text only; cheap next to encoding them).
+shard), and a resumed run skips exactly the batches already trained on (`train.batches`). The price is
+that each worker reads all rows (text only; cheap next to encoding them). A background thread
+(`modeling.prefetch`) tokenises the next batch while the current step runs; the order stays the same.
 
 Gradients are averaged over workers by an explicit bucketed all-reduce after backward, instead of
 DDP: the gradient-cache step runs the encoder many times per step and the towers are called
@@ -23,12 +24,14 @@ is the best evaluated one, not the last.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +41,8 @@ from rocketqa_ray.console import fmt_duration, quiet_libraries, write_progress
 from rocketqa_ray.distributed import allreduce_grads, sum_over_workers, sync_log
 from rocketqa_ray.io import write_json
 from rocketqa_ray.modeling.base import use_bf16
+from rocketqa_ray.modeling.prefetch import Prefetcher, to_device
+from rocketqa_ray.train.batches import StepRows, worker_batches
 from rocketqa_ray.train.tasks import TASKS
 from rocketqa_ray.train.validation import EarlyStopping, worker_slice
 
@@ -182,30 +187,38 @@ def worker_loop(config: dict) -> None:
     global_batch = tcfg.batch_size * size
     seqs_per_step = global_batch * task.sequences_per_row()
     shuffle_buffer = max(global_batch, min(config["rows"], 50_000))
+
+    def epoch_tables(epoch: int) -> Iterable:
+        return shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
+                                  local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=tcfg.seed + epoch)
+
+    # the prefetch thread's own tokenizer: validation tokenises with the model's in this thread meanwhile
+    tokenizer = copy.deepcopy(model.tokenizer)
+
+    def collate(item: StepRows) -> tuple[int, Any]:
+        return item.index, task.collate(model, item.rows, item.epoch, tokenizer)
+
     start_step = step
-    epoch, skip = divmod(step, steps_per_epoch)
-    t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
+    t_last, step_last, loss_n, data_s, compute_s = time.perf_counter(), step, 0, 0.0, 0.0
+    # on the device until a log line needs it (reading it waits for the GPU); float64: the sum of Python floats it was
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     cpu_last = time.process_time()
     t_report = t_progress = -math.inf
     last_loss: float | None = None
     t_start = time.perf_counter()
     if validating and step == 0 and config.get("init_model"):
         stopped = validate()  # a model that continues training may already be the best (a fresh one never is)
-    while step < total and not stopped:
-        batches = shard.iter_batches(batch_size=global_batch, batch_format="pyarrow", drop_last=True,
-                                     local_shuffle_buffer_size=shuffle_buffer,
-                                     local_shuffle_seed=tcfg.seed + epoch)
+    # nothing to fetch when that validation already stopped the run
+    todo = iter(()) if stopped else worker_batches(epoch_tables, step, steps_per_epoch, total, rank, tcfg.batch_size)
+    # The next batch is tokenised (and on CUDA pinned) while this step runs. On CUDA nothing in the step waits
+    # for the GPU, so data_ms and compute_ms are host times; the GPU's pace shows at each log line's loss read.
+    with Prefetcher(todo, collate, pin_device=device if use_cuda else None) as batches:
         t_fetch = time.perf_counter()
-        for i, table in enumerate(batches):
-            if i < skip:
-                continue  # trained on before the checkpoint this run resumed from
-            if i >= steps_per_epoch or step >= total or stopped:
-                break
-            rows = table.slice(rank * tcfg.batch_size, tcfg.batch_size).to_pylist()
+        for i, batch in batches:
             t_step = time.perf_counter()
             data_s += t_step - t_fetch
             torch.manual_seed(step_seed(tcfg.seed, step, rank))
-            loss = task.loss_backward(model, rows, device, bf16, epoch)
+            loss = task.backward(model, to_device(batch, device), device, bf16)
             allreduce_grads(params)
             if tcfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
@@ -213,7 +226,7 @@ def worker_loop(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_sum += float(loss)
+            loss_sum += loss.to(torch.float64)
             loss_n += 1
             compute_s += time.perf_counter() - t_step
 
@@ -226,7 +239,7 @@ def worker_loop(config: dict) -> None:
             if step % max(1, tcfg.log_every) == 0 or do_ckpt:
                 now = time.perf_counter()
                 rate = (step - step_last) / max(now - t_last, 1e-9)
-                mean_loss, due = sync_log(loss_sum / max(loss_n, 1), now - t_report >= REPORT_MIN_INTERVAL_S, device)
+                mean_loss, due = sync_log(float(loss_sum) / max(loss_n, 1), now - t_report >= REPORT_MIN_INTERVAL_S, device)
                 metrics = {
                     "step": step, "epoch": round(step / steps_per_epoch, 3),
                     "loss": round(mean_loss, 5),
@@ -248,7 +261,8 @@ def worker_loop(config: dict) -> None:
                 if do_ckpt or due:
                     report(metrics, checkpoint=do_ckpt, final=last)
                     t_report = time.perf_counter()
-                t_last, step_last, loss_sum, loss_n, data_s, compute_s = time.perf_counter(), step, 0.0, 0, 0.0, 0.0
+                t_last, step_last, loss_n, data_s, compute_s = time.perf_counter(), step, 0, 0.0, 0.0
+                loss_sum.zero_()
                 cpu_last = time.process_time()
             elif step == start_step + 1:
                 # throughput without the first step's warm-up
@@ -265,8 +279,9 @@ def worker_loop(config: dict) -> None:
                     log.debug("progress file %s: %s", progress_file, e)
             if hook is not None:
                 hook(rank, step)
+            if stopped:
+                break
             t_fetch = time.perf_counter()
-        epoch, skip = epoch + 1, 0
     if start_step == total or (stopped and start_step == step):
         # Resumed from the last step's state (the previous attempt ended before its result was collected):
         # nothing to train, export again so this attempt has a final checkpoint too.

@@ -2,8 +2,11 @@
 
 `DualTask` (steps 1, 3, 4): queries and passages through the dual encoder, contrastive loss with in-batch and
 (with `dual.cross_batch`) cross-batch negatives, optionally through the gradient cache. `CrossTask` (step 2):
-question groups through the cross-encoder, listwise and/or BCE loss. The Ray Train loop (`train.loop`)
-calls `build`, `loss_backward` and `export`; tests call them directly.
+question groups through the cross-encoder, listwise and/or BCE loss.
+
+A step is split in two: `collate` turns rows into CPU tensors (tokenising; the Ray Train loop, `train.loop`,
+runs it for the next batch in a background thread while the current step runs) and `backward` runs the
+forward and backward passes on a batch already on the device. `loss_backward` does both (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +34,8 @@ from rocketqa_ray.losses import (
 from rocketqa_ray.modeling.base import autocast, batched_inference
 from rocketqa_ray.modeling.cross_encoder import CrossEncoder
 from rocketqa_ray.modeling.dual_encoder import DualEncoder
-from rocketqa_ray.train.gradcache import cached_backward
+from rocketqa_ray.modeling.prefetch import to_device
+from rocketqa_ray.train.gradcache import Features, cached_backward_chunks, split_features
 from rocketqa_ray.train.validation import group_ranks, rank_sums
 
 VALIDATION_BATCH = 64  # sequences per forward when scoring held-out groups
@@ -63,23 +68,68 @@ def _split(flat: list[float], sizes: list[int]) -> list[list[float]]:
     return out
 
 
-def length_bucketed(lengths: list[int], buckets: int, run: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-    """`run(indices)` on `buckets` chunks of similar length, outputs concatenated back in input order.
+def bucket_chunks(lengths: list[int], buckets: int) -> list[list[int]]:
+    """Indices of the inputs in `buckets` chunks of similar length (shortest first); one chunk in input order
+    when `buckets` <= 1.
 
     A batch padded to its longest text wastes most of its compute when lengths vary (squad passages:
-    median 148 tokens, 99th percentile 378); chunks sorted by length pad far less. The graph is kept, so
-    the loss and gradients are those of one forward over the whole batch (up to dropout draws).
+    median 148 tokens, 99th percentile 378); chunks sorted by length pad far less.
     """
     n = len(lengths)
     if buckets <= 1 or n <= 1:
-        return run(list(range(n)))
+        return [list(range(n))]
     order = sorted(range(n), key=lengths.__getitem__)
     size = math.ceil(n / min(buckets, n))
-    chunks = [order[i : i + size] for i in range(0, n, size)]
-    out = torch.cat([run(c) for c in chunks])
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def input_order(chunks: list[list[int]]) -> torch.Tensor | None:
+    """The index that puts outputs concatenated chunk by chunk back in input order; None when one chunk holds
+    all inputs in order."""
+    if len(chunks) == 1:
+        return None
+    n = sum(len(c) for c in chunks)
     inverse = torch.empty(n, dtype=torch.long)
     inverse[torch.tensor([i for c in chunks for i in c])] = torch.arange(n)
-    return out[inverse.to(out.device)]
+    return inverse
+
+
+def in_order(outputs: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:
+    """Per-chunk outputs concatenated and put back in input order (`input_order`, on their device). The graph is
+    kept, so the loss and gradients are those of one forward over the whole batch (up to dropout draws)."""
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out if order is None else out[order]
+
+
+def length_bucketed(lengths: list[int], buckets: int, run: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """`run(indices)` on `buckets` chunks of similar length (`bucket_chunks`), outputs back in input order."""
+    chunks = bucket_chunks(lengths, buckets)
+    outputs = [run(c) for c in chunks]
+    order = input_order(chunks)
+    return in_order(outputs, None if order is None else order.to(outputs[0].device))
+
+
+@dataclass
+class DualBatch:
+    """One worker's dual-encoder step as tensors (`DualTask.collate`)."""
+
+    queries: list[Features]  # [B] queries in chunks: one, or the gradient cache's
+    passages: list[Features]  # [B*(1+n)] passages in chunks: length buckets, or the gradient cache's
+    order: torch.Tensor | None  # puts the bucketed passages' embeddings back in input order (`input_order`)
+    keys: torch.Tensor  # [B*(1+n)] passage keys
+    teacher: torch.Tensor | None  # [B, 1+n] teacher logits; None without distillation
+
+
+@dataclass
+class CrossBatch:
+    """One worker's cross-encoder step as tensors (`CrossTask.collate`): N pairs in G groups of up to W."""
+
+    pairs: list[Features]  # tokenised (question, passage) pairs in length buckets
+    order: torch.Tensor | None  # puts the bucketed logits back in input order (`input_order`)
+    labels: torch.Tensor  # [N]
+    slot: torch.Tensor  # [N] each pair's place in the flat [G*W] grid of groups
+    grid_labels: torch.Tensor  # [G, W] labels in the grid (0 in padding slots)
+    grid_mask: torch.Tensor  # [G, W] False in padding slots
 
 
 class DualTask:
@@ -138,15 +188,26 @@ class DualTask:
             teacher.append(group)
         return queries, passages, torch.tensor(keys, dtype=torch.long), torch.tensor(teacher, dtype=torch.float32)
 
-    def loss_backward(self, model: DualEncoder, rows: list[dict], device: torch.device, bf16: bool,
-                      epoch: int = 0) -> torch.Tensor:
-        """Forward and backward for this worker's rows; returns the detached loss (scalar)."""
-        queries, passages, keys, teacher = self.batch(rows, epoch)
-        qf = {k: v.to(device) for k, v in model.tokenize(queries, "query").items()}
-        distill = self.cfg.distill
+    def distilling(self) -> bool:
         # decided by the config alone: every worker must take part in the distillation loss's all-reduce
-        distilling = distill.kind != "none" and distill.weight > 0
-        t_logits = teacher_logits(teacher, distill.temperature).to(device) if distilling else None
+        return self.cfg.distill.kind != "none" and self.cfg.distill.weight > 0
+
+    def collate(self, model: DualEncoder, rows: list[dict], epoch: int = 0, tokenizer: Any = None) -> DualBatch:
+        """This worker's rows -> CPU tensors (`tokenizer`: the calling thread's own copy of the model's)."""
+        queries, passages, keys, teacher = self.batch(rows, epoch)
+        qf = model.tokenize(queries, "query", tokenizer)
+        t_logits = teacher_logits(teacher, self.cfg.distill.temperature) if self.distilling() else None
+        if self.tcfg.grad_cache:
+            chunk = self.tcfg.grad_cache_chunk
+            pf = model.tokenize(passages, "passage", tokenizer)
+            return DualBatch(split_features(qf, chunk), split_features(pf, chunk), None, keys, t_logits)
+        chunks = bucket_chunks([len(t) for t in passages], self.tcfg.length_buckets)
+        pf = [model.tokenize([passages[i] for i in c], "passage", tokenizer) for c in chunks]
+        return DualBatch([qf], pf, input_order(chunks), keys, t_logits)
+
+    def backward(self, model: DualEncoder, batch: DualBatch, device: torch.device, bf16: bool) -> torch.Tensor:
+        """Forward and backward of a collated batch on `device`; returns the detached loss (scalar)."""
+        distill = self.cfg.distill
 
         def enc_q(f: dict) -> torch.Tensor:
             with autocast(bf16, device):
@@ -157,26 +218,25 @@ class DualTask:
                 return model.encode_passages(f)
 
         def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            loss = contrastive_loss(q, p, model.cfg.temperature, p_keys=keys.to(device),
-                                    cross_batch=self.tcfg.cross_batch)
-            if t_logits is None:
+            loss = contrastive_loss(q, p, model.cfg.temperature, p_keys=batch.keys, cross_batch=self.tcfg.cross_batch)
+            if batch.teacher is None:
                 return loss
             # each query against its own group only (this worker's passages, before any cross-batch gather)
             own = (q.float().unsqueeze(1) * p.float().view(q.shape[0], -1, p.shape[1])).sum(-1) / model.cfg.temperature
-            return loss + distill.weight * distillation_loss(own, t_logits, distill.kind, over_workers=True)
+            return loss + distill.weight * distillation_loss(own, batch.teacher, distill.kind, over_workers=True)
 
         if self.tcfg.grad_cache:
-            pf = {k: v.to(device) for k, v in model.tokenize(passages, "passage").items()}
-            return cached_backward([(enc_q, qf), (enc_p, pf)], loss_fn, self.tcfg.grad_cache_chunk)
-
-        def enc_p_chunk(idx: list[int]) -> torch.Tensor:
-            return enc_p({k: v.to(device) for k, v in model.tokenize([passages[i] for i in idx], "passage").items()})
-
-        q = enc_q(qf)  # queries first: the same dropout draws as the cached path
-        p = length_bucketed([len(t) for t in passages], self.tcfg.length_buckets, enc_p_chunk)
+            return cached_backward_chunks([(enc_q, batch.queries), (enc_p, batch.passages)], loss_fn)
+        q = in_order([enc_q(f) for f in batch.queries], None)  # queries first: the same dropout draws as the cached path
+        p = in_order([enc_p(f) for f in batch.passages], batch.order)
         loss = loss_fn(q, p)
         loss.backward()
         return loss.detach()
+
+    def loss_backward(self, model: DualEncoder, rows: list[dict], device: torch.device, bf16: bool,
+                      epoch: int = 0) -> torch.Tensor:
+        """Forward and backward for this worker's rows; returns the detached loss (scalar)."""
+        return self.backward(model, to_device(self.collate(model, rows, epoch), device), device, bf16)
 
     @torch.no_grad()
     def validate(self, model: DualEncoder, rows: list[dict], device: torch.device, bf16: bool) -> torch.Tensor:
@@ -233,30 +293,41 @@ class CrossTask:
     def sequences_per_row(self) -> int:
         return 1 + self.n
 
-    def loss_backward(self, model: CrossEncoder, rows: list[dict], device: torch.device, bf16: bool,
-                      epoch: int = 0) -> torch.Tensor:
+    def collate(self, model: CrossEncoder, rows: list[dict], epoch: int = 0, tokenizer: Any = None) -> CrossBatch:
+        """This worker's question groups -> CPU tensors (`tokenizer`: the calling thread's own copy of the model's)."""
         queries = [r["query"] for r in rows for _ in r["passages"]]
         passages = [p for r in rows for p in r["passages"]]
-        flat_labels = torch.tensor([float(x) for r in rows for x in r["labels"]], device=device)
+        labels = torch.tensor([float(x) for r in rows for x in r["labels"]])
+        chunks = bucket_chunks([len(q) + len(p) for q, p in zip(queries, passages)], self.tcfg.length_buckets)
+        pairs = [model.tokenize([queries[i] for i in c], [passages[i] for i in c], tokenizer) for c in chunks]
+        width = max(len(r["passages"]) for r in rows)
+        slot = torch.tensor([i * width + j for i, r in enumerate(rows) for j in range(len(r["passages"]))])
+        grid_labels = torch.zeros(len(rows) * width).index_copy(0, slot, labels).view(len(rows), width)
+        grid_mask = torch.zeros(len(rows) * width, dtype=torch.bool).index_fill(0, slot, True).view(len(rows), width)
+        return CrossBatch(pairs, input_order(chunks), labels, slot, grid_labels, grid_mask)
 
-        def forward(idx: list[int]) -> torch.Tensor:
-            feats = model.tokenize([queries[i] for i in idx], [passages[i] for i in idx])
+    def backward(self, model: CrossEncoder, batch: CrossBatch, device: torch.device, bf16: bool) -> torch.Tensor:
+        """Forward and backward of a collated batch on `device`; returns the detached loss (scalar)."""
+
+        def forward(feats: Features) -> torch.Tensor:
             with autocast(bf16, device):
-                return model({k: v.to(device) for k, v in feats.items()})
+                return model(feats)
 
-        logits = length_bucketed([len(q) + len(p) for q, p in zip(queries, passages)], self.tcfg.length_buckets, forward)
+        logits = in_order([forward(f) for f in batch.pairs], batch.order)
         loss = torch.zeros((), device=device)
         if "listwise" in self.tcfg.loss:
-            width = max(len(r["passages"]) for r in rows)
-            slot = torch.tensor([i * width + j for i, r in enumerate(rows) for j in range(len(r["passages"]))], device=device)
-            grid = torch.full((len(rows) * width,), float("-inf"), device=device).index_copy(0, slot, logits.float())
-            lab = torch.zeros(len(rows) * width, device=device).index_copy(0, slot, flat_labels)
-            mask = torch.zeros(len(rows) * width, dtype=torch.bool, device=device).index_fill(0, slot, True)
-            loss = loss + listwise_loss(grid.view(len(rows), width), lab.view(len(rows), width), mask.view(len(rows), width))
+            groups, width = batch.grid_mask.shape
+            grid = torch.full((groups * width,), float("-inf"), device=device).index_copy(0, batch.slot, logits.float())
+            loss = loss + listwise_loss(grid.view(groups, width), batch.grid_labels, batch.grid_mask)
         if "bce" in self.tcfg.loss:
-            loss = loss + bce_loss(logits, flat_labels)
+            loss = loss + bce_loss(logits, batch.labels)
         loss.backward()
         return loss.detach()
+
+    def loss_backward(self, model: CrossEncoder, rows: list[dict], device: torch.device, bf16: bool,
+                      epoch: int = 0) -> torch.Tensor:
+        """Forward and backward for this worker's rows; returns the detached loss (scalar)."""
+        return self.backward(model, to_device(self.collate(model, rows, epoch), device), device, bf16)
 
     @torch.no_grad()
     def validate(self, model: CrossEncoder, rows: list[dict], device: torch.device, bf16: bool) -> torch.Tensor:
@@ -264,13 +335,9 @@ class CrossTask:
         if not rows:
             return rank_sums(torch.zeros(0, dtype=torch.long))
         pairs = [(r["query"], p) for r in rows for p in r["passages"]]
-
-        def forward(idx: list[int], dev: torch.device) -> torch.Tensor:  # logits: a sigmoid could tie them
-            f = model.tokenize([pairs[j][0] for j in idx], [pairs[j][1] for j in idx])
-            return model({k: v.to(dev) for k, v in f.items()})
-
-        flat = batched_inference(model, [q + p for q, p in pairs], VALIDATION_BATCH, "true" if bf16 else "false",
-                                 device, forward).tolist()
+        flat = batched_inference(model, [q + p for q, p in pairs], VALIDATION_BATCH, "true" if bf16 else "false", device,
+                                 lambda idx: model.tokenize([pairs[j][0] for j in idx], [pairs[j][1] for j in idx]),
+                                 model).tolist()  # logits: a sigmoid could tie them
         scores, lab, mask = _grid(_split(flat, [len(r["passages"]) for r in rows]), [r["labels"] for r in rows])
         return rank_sums(group_ranks(scores, lab, mask))
 

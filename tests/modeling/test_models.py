@@ -211,3 +211,42 @@ def test_a_cross_encoder_can_start_from_a_trained_dual_encoder(tmp_path):
     assert not all(torch.equal(v, base[k]) for k, v in dual.items())
     assert ce.model.config.num_labels == 1
     assert ce.score(QUERIES, PASSAGES[:3], bf16="false", device="cpu").shape == (3,)
+
+
+def test_inference_tokenises_the_next_batch_while_the_model_runs():
+    import threading
+
+    from rocketqa_ray.modeling.base import batched_inference
+
+    model = DualEncoder.from_base(TINY)
+    featurized = {i: threading.Event() for i in range(len(PASSAGES))}
+    overlapped: list[bool] = []
+
+    def featurize(idx: list[int]) -> dict[str, torch.Tensor]:
+        featurized[idx[0]].set()
+        return model.tokenize([PASSAGES[i] for i in idx], "passage")
+
+    first, second = length_order(PASSAGES)[:2]  # batches of one, longest first
+
+    def run(features: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not overlapped:  # the first batch's forward waits until the second batch has been tokenised
+            assert featurized[first].is_set()
+            overlapped.append(featurized[second].wait(10.0))
+        return model.encode_passages(features)
+
+    out = batched_inference(model, PASSAGES, 1, "false", "cpu", featurize, run)
+    assert overlapped == [True]
+    np.testing.assert_allclose(out, model.encode(PASSAGES, bf16="false"), atol=1e-5)
+
+
+def test_for_inference_keeps_fp32_on_the_cpu_and_bf16_weights_encode_close_to_fp32():
+    from rocketqa_ray.modeling.base import for_inference
+
+    model = DualEncoder.from_base(TINY).train()
+    same = for_inference(model, "true", "cpu")
+    assert not same.training and next(same.parameters()).dtype == torch.float32
+    fp32 = same.encode(PASSAGES, batch_size=2, bf16="false")
+    # what for_inference makes on a GPU: bf16 weights, which the encoder then runs without autocast
+    bf16 = same.to(torch.bfloat16).encode(PASSAGES, batch_size=2, bf16="true")
+    cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert bf16.dtype == np.float32 and cos.min() > 0.99
