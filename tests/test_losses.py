@@ -266,3 +266,160 @@ def test_dual_task_adds_weighted_distillation_of_each_rows_own_group(tiny_dual):
     assert losses["kl", 0.0] == pytest.approx(losses["none", 1.0])
     extra = losses["kl", 1.0] - losses["none", 1.0]
     assert extra > 0 and losses["kl", 2.0] - losses["none", 1.0] == pytest.approx(2 * extra, rel=1e-4)
+
+
+# ------------------------------------------------------------------ no host syncs (issue 18: the GPU path)
+# The losses read nothing back from the device, so on CUDA a step never waits for the GPU's queued work. Without
+# a GPU the meta device stands in: it holds no data, so every value read back to the host (`bool`, `int`,
+# `.item()`, `.cpu()`, a boolean index's `nonzero`) raises there, and a loss that runs on meta tensors reads none.
+def _reference_distillation(student, teacher, kind):
+    """The loss as it was (boolean indexing and Python counts): the values the sync-free one must keep."""
+    s, t = student.float(), teacher.float()
+    scored = ~torch.isnan(t)
+    rows = scored[:, 0] & scored[:, 1:].any(1)
+    total, count = s.sum() * 0.0, 0
+    if kind != "none" and bool(rows.any()):
+        s, t, scored = s[rows], t[rows], scored[rows]
+        if kind == "kl":
+            neg_inf = torch.tensor(float("-inf"))
+            log_pt = torch.log_softmax(torch.where(scored, t, neg_inf), dim=1)
+            log_ps = torch.log_softmax(torch.where(scored, s, neg_inf), dim=1)
+            total = torch.where(scored, log_pt.exp() * (log_pt - log_ps), torch.zeros_like(s)).sum()
+            count = int(rows.sum())
+        else:
+            mask = scored[:, 1:]
+            total = (((s[:, :1] - s[:, 1:] - torch.nan_to_num(t[:, :1] - t[:, 1:])) ** 2) * mask).sum()
+            count = int(mask.sum())
+    return total * (1.0 / count) if count else total
+
+
+def _reference_listwise(logits, labels, mask=None):
+    logits, labels = logits.float(), labels.float()
+    if mask is not None:
+        logits, labels = logits.masked_fill(~mask, float("-inf")), labels * mask
+    pos = labels.sum(1, keepdim=True)
+    logp = torch.log_softmax(logits, dim=1).masked_fill(labels == 0, 0.0)
+    return -(logp * labels / pos).sum(1).mean()
+
+
+def _value_and_grad(fn, x, *args):
+    x = x.clone().requires_grad_(True)
+    out = fn(x, *args)
+    out.backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("kind", ["none", "kl", "margin_mse"])
+@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (1, 2), (5, 4), (16, 8)])
+@pytest.mark.parametrize("unscored", [0.0, 0.3, 0.7, 1.0])
+def test_sync_free_distillation_equals_the_indexed_one(kind, shape, unscored):
+    g = torch.Generator().manual_seed(hash((kind, shape, unscored)) % 2**31)
+    s = torch.randn(*shape, generator=g) * 3
+    t = teacher_logits(torch.rand(*shape, generator=g))
+    t[torch.rand(*shape, generator=g) < unscored] = float("nan")  # unscored positives, rows without a negative
+    got, got_grad = _value_and_grad(lambda x: distillation_loss(x, t, kind), s)
+    ref, ref_grad = _value_and_grad(lambda x: _reference_distillation(x, t, kind), s)
+    assert got.dtype == torch.float32 and got.shape == ()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(got_grad).all()
+
+
+@pytest.mark.parametrize("kind", ["kl", "margin_mse"])
+def test_distillation_left_out_rows_get_no_gradient_and_nothing_scored_is_a_zero_tensor(kind):
+    s = torch.randn(4, 3, requires_grad=True)
+    t = torch.tensor([[1.0, 0.0, -1.0], [float("nan"), 1.0, 0.0], [2.0, float("nan"), float("nan")],
+                      [0.5, float("nan"), -0.5]])
+    distillation_loss(s, t, kind).backward()
+    assert (s.grad[1:3] == 0).all() and (s.grad[0] != 0).all() and s.grad[3, 1] == 0 and s.grad[3, 0] != 0
+    none = distillation_loss(s, torch.full_like(t, float("nan")), kind)
+    assert isinstance(none, torch.Tensor) and none.shape == () and none.requires_grad and float(none.detach()) == 0.0
+    s.grad = None
+    none.backward()
+    assert (s.grad == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["none", "kl", "margin_mse"])
+def test_distillation_reads_nothing_back_from_the_device(kind):
+    s = torch.empty(6, 4, device="meta", requires_grad=True)
+    out = distillation_loss(s, torch.empty(6, 4, device="meta"), kind, over_workers=True)
+    assert out.device.type == "meta" and out.shape == ()
+    out.backward()  # the backward too
+    assert s.grad is not None and s.grad.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):  # the stand-in is strict: the old loss's read fails here
+        _reference_distillation(s, torch.empty(6, 4, device="meta"), kind if kind != "none" else "kl")
+
+
+def test_listwise_loss_reads_nothing_back_from_the_device():
+    logits = torch.empty(3, 4, device="meta", requires_grad=True)
+    out = listwise_loss(logits, torch.empty(3, 4, device="meta"), torch.empty(3, 4, dtype=torch.bool, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+    out.backward()
+    assert logits.grad is not None
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_listwise_loss_equals_the_old_one_on_random_groups(masked):
+    g = torch.Generator().manual_seed(int(masked))
+    logits = torch.randn(12, 6, generator=g) * 4
+    labels = (torch.rand(12, 6, generator=g) < 0.3).float()
+    labels[:, 0] = 1.0  # every group has a positive; some have several
+    labels[3] = torch.rand(6, generator=g)  # soft labels
+    mask = None
+    if masked:
+        mask = torch.arange(6)[None, :] < torch.randint(1, 7, (12, 1), generator=g)
+    got, got_grad = _value_and_grad(lambda x: listwise_loss(x, labels, mask), logits)
+    ref, ref_grad = _value_and_grad(lambda x: _reference_listwise(x, labels, mask), logits)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-6, atol=1e-7)
+    if masked:
+        assert (got_grad[~mask] == 0).all()
+
+
+def test_check_groups_needs_a_positive_outside_the_padding():
+    from rocketqa_ray.losses import check_groups
+
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    check_groups(labels)
+    check_groups(labels, torch.tensor([[True, True, False], [True, True, True]]))
+    with pytest.raises(ValueError, match="positive"):  # group 2's only positive sits in a padding slot
+        check_groups(labels, torch.tensor([[True, True, True], [True, True, False]]))
+    with pytest.raises(ValueError, match="positive"):
+        check_groups(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("loss", ["listwise", "listwise+bce", "bce"])
+def test_a_group_without_a_positive_fails_at_collate_time_with_the_listwise_loss(tiny_model_dir, loss):
+    from rocketqa_ray.modeling.cross_encoder import CrossEncoder
+    from rocketqa_ray.train.tasks import CrossTask
+
+    cfg = Config()
+    cfg.cross.loss = loss
+    task, model = CrossTask(cfg, 2), CrossEncoder.from_base(str(tiny_model_dir), 64)
+    good = {"qid": "1", "query": "q one", "passages": ["p", "n1", "n2"], "labels": [1.0, 0.0, 0.0]}
+    bad = {"qid": "2", "query": "q two", "passages": ["n3", "n4"], "labels": [0.0, 0.0]}
+    batch = task.collate(model, [good, good])
+    assert batch.grid_labels.device.type == "cpu"
+    if "listwise" in loss:
+        with pytest.raises(ValueError, match="every group needs a positive"):
+            task.collate(model, [good, bad])
+    else:  # pointwise only: a group of negatives is fine
+        assert task.collate(model, [good, bad]).grid_mask.tolist() == [[True] * 3, [True, True, False]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CPU-only here)")
+@pytest.mark.parametrize("kind", ["kl", "margin_mse"])
+def test_losses_make_no_host_sync_on_cuda(kind):
+    dev = torch.device("cuda")
+    s = torch.randn(8, 4, device=dev, requires_grad=True)
+    t = torch.randn(8, 4, device=dev).masked_fill(torch.rand(8, 4, device=dev) < 0.3, float("nan"))
+    logits = torch.randn(8, 4, device=dev, requires_grad=True)
+    labels, mask = torch.zeros(8, 4, device=dev), torch.rand(8, 4, device=dev) < 0.8
+    labels[:, 0], mask[:, 0] = 1.0, True
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        (distillation_loss(s, t, kind, over_workers=True) + listwise_loss(logits, labels, mask)).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(s.grad).all() and torch.isfinite(logits.grad).all()

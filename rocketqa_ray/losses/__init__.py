@@ -7,8 +7,8 @@
 
 from rocketqa_ray.losses.contrastive import PAD_KEY, contrastive_loss, passage_key
 from rocketqa_ray.losses.distillation import DistillKind, distillation_loss, teacher_logits
-from rocketqa_ray.losses.listwise import listwise_loss
+from rocketqa_ray.losses.listwise import check_groups, listwise_loss
 from rocketqa_ray.losses.pointwise import bce_loss
 
-__all__ = ["PAD_KEY", "DistillKind", "bce_loss", "contrastive_loss", "distillation_loss", "listwise_loss",
-           "passage_key", "teacher_logits"]
+__all__ = ["PAD_KEY", "DistillKind", "bce_loss", "check_groups", "contrastive_loss", "distillation_loss",
+           "listwise_loss", "passage_key", "teacher_logits"]

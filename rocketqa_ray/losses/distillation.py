@@ -38,8 +38,12 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: Distil
     summed over the process group and the loss scaled by its size, so that averaging the workers' gradients
     (as DDP does) gives the gradient of one process over all their rows, however the unscored rows fall;
     every worker must then call this (it all-reduces).
+
+    Nothing is read back to the host (on CUDA a read would wait for all queued work every step): questions
+    left out are masked rather than dropped, and the count stays a tensor on the device, all-reduced there.
+    Pass the teacher on the student's device.
     """
-    from rocketqa_ray.distributed import sum_over_workers, world
+    from rocketqa_ray.distributed import world
 
     if student.shape != teacher.shape or student.dim() != 2:
         raise ValueError(f"expected student and teacher [B, G], got {tuple(student.shape)} and {tuple(teacher.shape)}")
@@ -48,25 +52,32 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: Distil
     s = student.float()
     t = teacher.to(s.device).float()
     scored = ~torch.isnan(t)
-    rows = scored[:, 0] & scored[:, 1:].any(1)
-    total = s.sum() * 0.0
-    count = 0
-    if kind != "none" and bool(rows.any()):
-        s, t, scored = s[rows], t[rows], scored[rows]
-        if kind == "kl":
-            neg_inf = torch.tensor(float("-inf"), device=s.device)
-            log_pt = torch.log_softmax(torch.where(scored, t, neg_inf), dim=1)
-            log_ps = torch.log_softmax(torch.where(scored, s, neg_inf), dim=1)
-            total = torch.where(scored, log_pt.exp() * (log_pt - log_ps), torch.zeros_like(s)).sum()
-            count = int(rows.sum())
-        else:
-            student_margin = s[:, :1] - s[:, 1:]
-            teacher_margin = torch.nan_to_num(t[:, :1] - t[:, 1:])
-            mask = scored[:, 1:]
-            total = (((student_margin - teacher_margin) ** 2) * mask).sum()
-            count = int(mask.sum())
+    rows = scored[:, 0] & scored[:, 1:].any(1)  # [B] questions that count
+    if kind == "kl":
+        keep = scored & rows[:, None]
+        # a counted row's unscored slots are -inf (out of both softmaxes); a row left out is all 0, so that its
+        # unused softmax stays finite and passes no gradient
+        fill = torch.where(rows, float("-inf"), 0.0)[:, None]
+        log_pt = torch.log_softmax(torch.where(keep, t, fill), dim=1)
+        log_ps = torch.log_softmax(torch.where(keep, s, fill), dim=1)
+        total = torch.where(keep, log_pt.exp() * (log_pt - log_ps), 0.0).sum()
+        count = rows.sum()
+    elif kind == "margin_mse":
+        keep = scored[:, 1:] & rows[:, None]
+        student_margin = s[:, :1] - s[:, 1:]
+        teacher_margin = torch.nan_to_num(t[:, :1] - t[:, 1:])
+        total = torch.where(keep, (student_margin - teacher_margin) ** 2, 0.0).sum()
+        count = keep.sum()
+    else:
+        total = s.sum() * 0.0
+        count = torch.zeros((), dtype=torch.long, device=s.device)
+    count = count.to(torch.float64)
     scale = 1.0
     if over_workers and world()[1] > 1:
-        count = int(sum_over_workers(torch.tensor([float(count)]), s.device)[0])
+        import torch.distributed as dist
+
+        dist.all_reduce(count)  # on the device: no host sync
         scale = float(world()[1])
-    return total * (scale / count) if count else total
+    # total * scale / count, or total (0) when nothing is scored anywhere; the factor rounded to float32 as
+    # a Python float's would be
+    return total * (scale / count.clamp(min=1.0)).to(total.dtype)

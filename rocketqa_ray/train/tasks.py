@@ -25,6 +25,7 @@ from rocketqa_ray.config import Config, ModelConfig
 from rocketqa_ray.losses import (
     PAD_KEY,
     bce_loss,
+    check_groups,
     contrastive_loss,
     distillation_loss,
     listwise_loss,
@@ -304,6 +305,8 @@ class CrossTask:
         slot = torch.tensor([i * width + j for i, r in enumerate(rows) for j in range(len(r["passages"]))])
         grid_labels = torch.zeros(len(rows) * width).index_copy(0, slot, labels).view(len(rows), width)
         grid_mask = torch.zeros(len(rows) * width, dtype=torch.bool).index_fill(0, slot, True).view(len(rows), width)
+        if "listwise" in self.tcfg.loss:
+            check_groups(grid_labels, grid_mask)  # here, on the CPU: in the loss on the device it would sync
         return CrossBatch(pairs, input_order(chunks), labels, slot, grid_labels, grid_mask)
 
     def backward(self, model: CrossEncoder, batch: CrossBatch, device: torch.device, bf16: bool) -> torch.Tensor:
