@@ -8,8 +8,8 @@ Inputs, in order of preference:
    whatever machine ran them: a 2-core shared CPU box so far, so CPU figures; see each file's "machine");
 2. formulas for what follows from the index layout (bytes per vector);
 3. public GPU throughput figures, used only where nothing was measured on a GPU, and printed as
-   ESTIMATE with their source. Replace them by running bench/bench_encode.py and bench/bench_score.py
-   on a GPU node of cluster.yaml.
+   ESTIMATE with their source. bench/gpu_check.py run on a GPU writes bench/results/gpu.json; when it is
+   there, its passages/s and cross-encoder pairs/s replace these ESTIMATEs (a CPU smoke run's file is ignored).
 
 A missing results file is reported as MISSING, never filled in silently.
 """
@@ -72,6 +72,8 @@ def hours(seconds: float | None) -> str:
     if seconds is None:
         return "MISSING"
     h = seconds / 3600
+    if h < 0.1:  # measured GPU rates finish some rows in minutes, which "0.0 h" would hide
+        return f"{seconds / 60:,.1f} min"
     return f"{h:,.1f} h" if h < 48 else f"{h / 24:,.1f} days"
 
 
@@ -164,10 +166,28 @@ def serve_inputs() -> dict:
     return out
 
 
+def gpu_inputs(path: Path) -> dict:
+    """Per-GPU rates from bench/gpu_check.py's device run (issue 18); {} when there is none, so the ESTIMATEs
+    stand. The script's CPU smoke run writes the same keys with CPU rates: those must not pass for a GPU's."""
+    try:
+        g = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    if g.get("device_type") != "cuda":
+        return {"note": f"{shown} is from a CPU smoke run; ignored"}
+    return {"device": g["device"], "src": f"measured on {g['device']} ({shown}, {str(g.get('date', '?'))[:10]})",
+            "pps": g.get("encode", {}).get("project_pps"), "ce_pps": g.get("cross_encoder", {}).get("pairs_per_s")}
+
+
 # ---------------------------------------------------------------------------------------- the model
-def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int, shard_gib: float) -> str:
+def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int, shard_gib: float,
+          gpu_file: Path = RESULTS / "gpu.json") -> str:
     enc, sc = encode_inputs(load("encode")), score_inputs(load("score"))
     fa, sv = faiss_inputs(load("faiss"), dim), serve_inputs()
+    gpu = gpu_inputs(gpu_file)
+    # each measured figure replaces its ESTIMATE on its own (a partial gpu.json keeps the rest estimated)
+    pps_gpu, ce_gpu = gpu.get("pps") or EST_PASSAGES_PER_S_GPU, gpu.get("ce_pps") or PUBLIC["ce_pairs_per_s_v100"]
     lines: list[str] = []
     w = lines.append
 
@@ -183,11 +203,20 @@ def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int,
           f"{fmt(sv['ce_pairs_per_s_1thread'])} | {sv['src']} (measured) |")
         w(f"| query encoder (MiniLM), queries/s, 1 CPU thread, Serve encoder stage | "
           f"{fmt(sv['queries_per_s_1thread'])} | {sv['src']} (measured) |")
-    w(f"| dual encoder, passages/s per V100-class GPU | {fmt(EST_PASSAGES_PER_S_GPU)} | **ESTIMATE**: "
-      "ms-marco-MiniLM-L-6-v2 card, 1,800 pairs/s on V100 (same network, passage-length input); "
-      "sbert.net lists 14,200 short sentences/s (upper bound) |")
-    w(f"| cross-encoder, pairs/s per V100-class GPU | {fmt(PUBLIC['ce_pairs_per_s_v100'])} | **ESTIMATE**: same card |")
-    w(f"| A100 / V100 speed-up | {EST_A100_OVER_V100:.1f}x | **ESTIMATE**: fp16 tensor peak 312 vs 125 TFLOPS |")
+    if gpu.get("pps"):
+        w(f"| dual encoder, passages/s per {gpu['device']} (bf16, 128 tokens) | {fmt(pps_gpu)} | {gpu['src']} |")
+    else:
+        w(f"| dual encoder, passages/s per V100-class GPU | {fmt(EST_PASSAGES_PER_S_GPU)} | **ESTIMATE**: "
+          "ms-marco-MiniLM-L-6-v2 card, 1,800 pairs/s on V100 (same network, passage-length input); "
+          "sbert.net lists 14,200 short sentences/s (upper bound) |")
+    if gpu.get("ce_pps"):
+        w(f"| cross-encoder, pairs/s per {gpu['device']} (bf16, 192 tokens) | {fmt(ce_gpu)} | {gpu['src']} |")
+    else:
+        w(f"| cross-encoder, pairs/s per V100-class GPU | {fmt(ce_gpu)} | **ESTIMATE**: same card |")
+    if not gpu.get("pps"):  # the factor only scales the estimated encoding rate
+        w(f"| A100 / V100 speed-up | {EST_A100_OVER_V100:.1f}x | **ESTIMATE**: fp16 tensor peak 312 vs 125 TFLOPS |")
+    if gpu.get("note"):
+        w(f"\n{gpu['note']}.")
     w("")
 
     # --- encoding
@@ -198,7 +227,10 @@ def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int,
     else:
         w("| this CPU box | MISSING | MISSING |")
     for g in sorted({1, 8, gpus, 64}):
-        r = EST_PASSAGES_PER_S_GPU * g
+        r = pps_gpu * g  # shards are independent: the rate scales with the GPUs (until input or output starves)
+        if gpu.get("pps"):
+            w(f"| {g} x {gpu['device']} (measured rate) | {fmt(r)}/s | {hours(n / r)} |")
+            continue
         w(f"| {g} x V100-class GPU (ESTIMATE) | {fmt(r)}/s | {hours(n / r)} |")
         w(f"| {g} x A100 (ESTIMATE) | {fmt(r * EST_A100_OVER_V100)}/s | {hours(n / (r * EST_A100_OVER_V100))} |")
     out_bytes = n * (dim * 4 + 24)
@@ -236,8 +268,9 @@ def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int,
         r = sv["ce_pairs_per_s_1thread"]
         w(f"| one CPU thread (measured, Serve reranker stage) | {r:.1f} | {hours(pairs / r)} |")
     for g in sorted({1, 8, gpus}):
-        r = PUBLIC["ce_pairs_per_s_v100"] * g
-        w(f"| {g} x V100-class GPU (ESTIMATE) | {fmt(r)} | {hours(pairs / r)} |")
+        r = ce_gpu * g
+        where = f"{gpu['device']} (measured rate)" if gpu.get("ce_pps") else "V100-class GPU (ESTIMATE)"
+        w(f"| {g} x {where} | {fmt(r)} | {hours(pairs / r)} |")
     w("")
     s = fa["search"].get("ivfpq")
     if s and s.get("scanned"):
@@ -279,12 +312,13 @@ def model(n: float, gpus: int, questions: float, top: int, qps: float, dim: int,
     else:
         w("Serve measurements: MISSING.\n")
     rk = sv.get("rerank_top_k") or 20
-    ce_gpu = PUBLIC["ce_pairs_per_s_v100"]
-    enc_q_gpu = EST_PASSAGES_PER_S_GPU * 4  # a 32-token query is ~1/4 of a 128-token passage (ESTIMATE)
+    enc_q_gpu = pps_gpu * 4  # a 32-token query is ~1/4 of a 128-token passage (ESTIMATE, even on a measured rate)
+    q_src = f"ESTIMATE: 4x the passage rate {gpu['src']}" if gpu.get("pps") else "ESTIMATE"
+    ce_src = f"pairs/s {gpu['src']}" if gpu.get("ce_pps") else "ESTIMATE"
     w("| deployment | work per query | per-replica capacity | replicas for target |\n|---|---|---|---|")
-    w(f"| QueryEncoder (1 GPU) | 1 query (32 tokens) | ~{fmt(enc_q_gpu)} q/s (ESTIMATE) | "
+    w(f"| QueryEncoder (1 GPU) | 1 query (32 tokens) | ~{fmt(enc_q_gpu)} q/s ({q_src}) | "
       f"{max(1, math.ceil(qps / enc_q_gpu))} |")
-    w(f"| Reranker (1 GPU) | {rk} pairs | ~{fmt(ce_gpu / rk)} q/s (ESTIMATE) | {max(1, math.ceil(qps * rk / ce_gpu))} |")
+    w(f"| Reranker (1 GPU) | {rk} pairs | ~{fmt(ce_gpu / rk)} q/s ({ce_src}) | {max(1, math.ceil(qps * rk / ce_gpu))} |")
     ce_cpu = sv.get("ce_pairs_per_s_1thread")
     if ce_cpu:
         w(f"| Reranker (1 CPU thread, measured) | {rk} pairs | {ce_cpu / rk:.1f} q/s | "
