@@ -40,17 +40,6 @@ needs_gpu = pytest.mark.skipif(not has_gpu_support() or gpu_count() == 0,
                                reason="needs faiss-gpu and a visible CUDA device")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    """On a shared 2-core box faiss's OpenMP threads spin-wait on each other (10x slower under load)."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return mixture(N, DIM, seed=11), mixture(60, DIM, seed=12)
