@@ -171,17 +171,12 @@ def test_length_buckets_give_the_loss_and_gradients_of_one_batch(tiny_dual):
     _assert_same(one, bucketed)
 
 
-def test_length_bucketed_restores_input_order():
-    from rocketqa_ray.train.tasks import length_bucketed
+def test_length_buckets_restore_input_order():
+    from rocketqa_ray.train.tasks import bucket_chunks, in_order, input_order
 
     lengths = [5, 1, 9, 3, 7, 2, 8]
-    seen: list[list[int]] = []
-
-    def run(idx: list[int]) -> torch.Tensor:
-        seen.append(idx)
-        return torch.tensor([float(lengths[i]) for i in idx])
-
-    out = length_bucketed(lengths, 3, run)
+    seen = bucket_chunks(lengths, 3)
+    out = in_order([torch.tensor([float(lengths[i]) for i in idx]) for idx in seen], input_order(seen))
     assert out.tolist() == [float(x) for x in lengths]
     assert len(seen) == 3 and all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in zip(seen, seen[1:]))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -100,14 +99,6 @@ def in_order(outputs: list[torch.Tensor], order: torch.Tensor | None) -> torch.T
     kept, so the loss and gradients are those of one forward over the whole batch (up to dropout draws)."""
     out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return out if order is None else out[order]
-
-
-def length_bucketed(lengths: list[int], buckets: int, run: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-    """`run(indices)` on `buckets` chunks of similar length (`bucket_chunks`), outputs back in input order."""
-    chunks = bucket_chunks(lengths, buckets)
-    outputs = [run(c) for c in chunks]
-    order = input_order(chunks)
-    return in_order(outputs, None if order is None else order.to(outputs[0].device))
 
 
 @dataclass
