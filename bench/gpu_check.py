@@ -15,7 +15,7 @@ GPU (`--device cuda`), all-MiniLM-L6-v2:
   sequences a step), with and without the gradient cache; and cached == uncached gradients (fp32, no dropout).
 - search: the project's exact (flat) search on GPU when faiss has GPU support there, else why not.
 CPU (`--device cpu`): the same encoder comparison at 256 tokens, fp32 and bf16, against sentence-transformers'
-default encode (fp32, batch 32).
+default encode (fp32, batch 32); `--profile` adds torch.profiler's top operators of the bf16 encodes.
 """
 
 from __future__ import annotations
@@ -167,21 +167,28 @@ def encode_gpu(model_dir: Path, passages: list[str], n: int, batch_sizes: list[i
     return out
 
 
-def encode_cpu(model_dir: Path, passages: list[str], n: int, batch_size: int) -> dict:
-    """The project's encoder (fp32 and bf16 autocast, length-sorted) against sentence-transformers' default encode
-    (fp32, batch 32) and its bf16 weights, at 256 tokens."""
+def encode_cpu(model_dir: Path, passages: list[str], n: int, batch_size: int, profile: bool = False) -> dict:
+    """The project's encoder (fp32; fp32 weights under bf16 autocast; the actors' bf16 weights from `for_inference`,
+    length-sorted) against sentence-transformers' default encode (fp32, batch 32) and its bf16 weights, at 256
+    tokens. `profile`: torch.profiler's top operators for the two bf16 paths."""
+    import copy
+
     from sentence_transformers import SentenceTransformer
 
+    from rocketqa_ray.modeling.base import for_inference
     from rocketqa_ray.modeling.dual_encoder import DualEncoder
 
     cpu = torch.device("cpu")
     texts = repeat(passages, n)
     model = DualEncoder.load(model_dir).float()
     model.cfg.passage_max_len = 256
+    actors = for_inference(copy.deepcopy(model), "true", cpu)  # what the encoding actors run when bf16 is on
     out: dict = {"passages": len(texts), "max_len": 256, "batch_size": batch_size, "threads": torch.get_num_threads()}
-    model.encode(texts[:64], "passage", batch_size, "true", cpu)
-    for name, flag in (("project_fp32", "false"), ("project_bf16", "true")):
-        s, emb = timed(lambda flag=flag: model.encode(texts, "passage", batch_size, flag, cpu), cpu)
+    paths = {"project_fp32": (model, "false"), "project_bf16_autocast": (model, "true"), "project_bf16": (actors, "true")}
+    for m, flag in paths.values():
+        m.encode(texts[:64], "passage", batch_size, flag, cpu)
+    for name, (m, flag) in paths.items():
+        s, emb = timed(lambda m=m, flag=flag: m.encode(texts, "passage", batch_size, flag, cpu), cpu)
         out[f"{name}_pps"] = round(len(texts) / s, 2)
         out[f"{name}_embeddings"] = emb
         progress(f"encode cpu: {name} {len(texts) / s:.1f} passages/s")
@@ -195,17 +202,32 @@ def encode_cpu(model_dir: Path, passages: list[str], n: int, batch_size: int) ->
     s, _ = timed(lambda: st.encode(texts, convert_to_numpy=True), cpu)
     out["sentence_transformers_bf16_pps"] = round(len(texts) / s, 2)
     progress(f"encode cpu: sentence-transformers bf16 {len(texts) / s:.1f} passages/s")
-    cos = cosine(out.pop("project_bf16_embeddings"), out.pop("project_fp32_embeddings"))
-    out["cosine_bf16_to_fp32_min"] = round(float(cos.min()), 6)
-    out["cosine_project_fp32_to_sentence_transformers_min"] = round(float(cosine(
-        model.encode(texts[:256], "passage", batch_size, "false", cpu), st_emb[:256]).min()), 6)
+    fp32 = out.pop("project_fp32_embeddings")
+    for name in ("project_bf16", "project_bf16_autocast"):
+        out[f"cosine_{name}_to_fp32_min"] = round(float(cosine(out.pop(f"{name}_embeddings"), fp32).min()), 6)
+    out["cosine_project_fp32_to_sentence_transformers_min"] = round(float(cosine(fp32[:256], st_emb[:256]).min()), 6)
     base = out["sentence_transformers_fp32_pps"]
-    out["ratio_project_bf16_vs_st_fp32"] = round(out["project_bf16_pps"] / base, 3)
-    out["ratio_project_fp32_vs_st_fp32"] = round(out["project_fp32_pps"] / base, 3)
+    for name in paths:
+        out[f"ratio_{name}_vs_st_fp32"] = round(out[f"{name}_pps"] / base, 3)
     out["ratio_project_bf16_vs_st_bf16"] = round(out["project_bf16_pps"] / out["sentence_transformers_bf16_pps"], 3)
     out["goals"] = {"project (default: bf16 auto) >= 2.5x sentence-transformers fp32":
                     out["ratio_project_bf16_vs_st_fp32"] >= 2.5}
+    if profile:
+        out["profile"] = {name: top_operators(lambda m=m: m.encode(texts[:128], "passage", batch_size, "true", cpu))
+                          for name, m in (("project_bf16", actors), ("project_bf16_autocast", model))}
     return out
+
+
+def top_operators(fn, rows: int = 8) -> dict:
+    """torch.profiler on the CPU: the operators taking the most self time in `fn()`, with their share of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) or 1.0
+    return {"self_cpu_s": round(total / 1e6, 3),
+            "top": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ops[:rows]]}
 
 
 # ----------------------------------------------------------------------------------- cross-encoder
@@ -332,6 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="minilm", help="'minilm', 'tiny' or a model folder (e.g. an --export-fp16 copy)")
     ap.add_argument("--passages", type=int, default=None, help="passages to encode (GPU 200k, CPU 1000)")
     ap.add_argument("--out", type=Path, default=None, help="JSON result file")
+    ap.add_argument("--profile", action="store_true", help="CPU suite: torch.profiler's top operators of the bf16 encodes")
     ap.add_argument("--export-fp16", type=Path, default=None, metavar="DIR", help="write MiniLM in fp16 there and exit")
     return ap.parse_args(argv)
 
@@ -391,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         n = args.passages or (32 if args.small else 1000)
         t0 = time.perf_counter()
-        result["encode_cpu"] = encode_cpu(model_dir, passages, n, 16 if args.small else 64)
+        result["encode_cpu"] = encode_cpu(model_dir, passages, n, 16 if args.small else 64, args.profile)
         timings["encode_cpu"] = time.perf_counter() - t0
         rows = training_rows(pairs, passages, 8 if args.small else 32)
         result["train_cpu"] = {"cached_equals_uncached": cached_equals_uncached(model_dir, rows, 4, device)}

@@ -150,7 +150,7 @@ def torch_threads_for(cpus: float) -> int:
 def model_in_actor(model_class, model_dir: str, cpus: float, gpus: float, bf16: str):
     """A model for an actor of a flow: library chatter quieted, torch's threads matched to the actor's `cpus`,
     `model_class.load(model_dir)` on the actor's device, ready for inference (`modeling.base.for_inference`: bf16
-    weights on a GPU). Returns (model, device)."""
+    weights where bf16 is on). Returns (model, device)."""
     import torch
 
     from rocketqa_ray.console import quiet_libraries

@@ -39,12 +39,17 @@ def test_the_gpu_suite_runs_on_the_cpu(gpu_check, tmp_path):
 
 
 def test_the_cpu_suite_compares_with_sentence_transformers(gpu_check, tmp_path):
-    result = gpu_check.main(["--device", "cpu", "--small", "--model", "tiny", "--out", str(tmp_path / "cpu.json")])
+    result = gpu_check.main(["--device", "cpu", "--small", "--model", "tiny", "--profile",
+                             "--out", str(tmp_path / "cpu.json")])
     enc = result["encode_cpu"]
-    for key in ("project_fp32_pps", "project_bf16_pps", "sentence_transformers_fp32_pps",
+    for key in ("project_fp32_pps", "project_bf16_pps", "project_bf16_autocast_pps", "sentence_transformers_fp32_pps",
                 "sentence_transformers_bf16_pps"):
         assert enc[key] > 0, key
     # the same model, pooling and normalisation: the project's encoder and sentence-transformers' agree
     assert enc["cosine_project_fp32_to_sentence_transformers_min"] > 0.9999
-    assert enc["cosine_bf16_to_fp32_min"] > 0.99
+    assert enc["cosine_project_bf16_to_fp32_min"] > 0.99 and enc["cosine_project_bf16_autocast_to_fp32_min"] > 0.99
+    # the profile names where the time went: the matrix products are among the top operators of a BERT encode
+    for prof in enc["profile"].values():
+        assert prof["self_cpu_s"] > 0 and 0 < sum(r["share"] for r in prof["top"]) <= 1.0001
+        assert any("addmm" in r["op"] or "mm" in r["op"] for r in prof["top"])
     assert result["train_cpu"]["cached_equals_uncached"]["equal"]

@@ -239,14 +239,15 @@ def test_inference_tokenises_the_next_batch_while_the_model_runs():
     np.testing.assert_allclose(out, model.encode(PASSAGES, bf16="false"), atol=1e-5)
 
 
-def test_for_inference_keeps_fp32_on_the_cpu_and_bf16_weights_encode_close_to_fp32():
+def test_for_inference_gives_bf16_weights_only_when_bf16_is_on_and_they_encode_close_to_fp32():
     from rocketqa_ray.modeling.base import for_inference
 
-    model = DualEncoder.from_base(TINY).train()
-    same = for_inference(model, "true", "cpu")
-    assert not same.training and next(same.parameters()).dtype == torch.float32
-    fp32 = same.encode(PASSAGES, batch_size=2, bf16="false")
-    # what for_inference makes on a GPU: bf16 weights, which the encoder then runs without autocast
-    bf16 = same.to(torch.bfloat16).encode(PASSAGES, batch_size=2, bf16="true")
+    fp32_model = for_inference(DualEncoder.from_base(TINY).train(), "false", "cpu")
+    assert not fp32_model.training and next(fp32_model.parameters()).dtype == torch.float32
+    fp32 = fp32_model.encode(PASSAGES, batch_size=2, bf16="false")
+    bf16_model = for_inference(DualEncoder.from_base(TINY).train(), "true", "cpu")
+    assert not bf16_model.training and next(bf16_model.parameters()).dtype == torch.bfloat16
+    # the encoder runs bf16 weights without autocast and hands back float32
+    bf16 = bf16_model.encode(PASSAGES, batch_size=2, bf16="true")
     cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert bf16.dtype == np.float32 and cos.min() > 0.99
