@@ -94,7 +94,7 @@ def make_demo_run_dir(out: str | Path, n_passages: int = 200, data_dir: str | Pa
                      model_fingerprint=model_fingerprint(out / "md2" / "model")).save(out / "md2" / "index")
     write_json(out / "md2" / "_COMPLETE.json", {"stage": "md2", "demo": True})
     if with_reranker:
-        ce = CrossEncoder.from_base(cfg.cross.base, max_len=cfg.cross.max_len)
+        ce = CrossEncoder.from_base(cfg.cross.base, max_len=cfg.cross.max_len, head=cfg.cross.head)
         qtexts = [v["text"] for v in queries.values()][:32]
         spread_head(ce, qtexts, [passage_text(p["title"], p["text"]) for p in passages[: len(qtexts)]])
         # Fusion weights as the pipeline's mc stage fits them, so a demo serves the fused rerank path too.

@@ -280,7 +280,7 @@ class CrossTask:
     def build(self, init_model: str | None) -> CrossEncoder:
         if init_model:
             return CrossEncoder.load(init_model)
-        return CrossEncoder.from_base(self.cfg.cross.base, self.cfg.cross.max_len)
+        return CrossEncoder.from_base(self.cfg.cross.base, self.cfg.cross.max_len, self.cfg.cross.head)
 
     def sequences_per_row(self) -> int:
         return 1 + self.n

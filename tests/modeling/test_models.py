@@ -97,6 +97,44 @@ def test_cross_encoder_round_trip_and_sentence_transformers(tmp_path):
     np.testing.assert_allclose(st_scores, scores, atol=1e-5)
 
 
+def test_maxsim_head_round_trip_calibration_and_masks(tmp_path):
+    from rocketqa_ray.modeling.cross_encoder import MaxSimHead
+    from rocketqa_ray.rocketqa.calibration import fold_into_head
+
+    ce = CrossEncoder.from_base("tiny", max_len=64, head="maxsim")
+    assert isinstance(ce.model, MaxSimHead)
+    features = ce.tokenize(QUERIES, PASSAGES[:3])
+    # the question's and the passage's word pieces, never [CLS], [SEP] or padding
+    tok = ce.tokenizer
+    for i, (q, p) in enumerate(zip(QUERIES, PASSAGES[:3])):
+        assert int(features["question_mask"][i].sum()) == len(tok(q, add_special_tokens=False)["input_ids"])
+        assert int(features["passage_mask"][i].sum()) == len(tok(p, add_special_tokens=False)["input_ids"])
+    assert not (features["question_mask"] & features["passage_mask"]).any()
+    scores = ce.score(QUERIES, PASSAGES[:3], bf16="false")
+    assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1)) and np.ptp(scores) > 0
+    # Platt scaling folds into the 1 -> 1 layer, and the saved model scores the same after loading
+    logits = np.log(scores / (1 - scores))
+    fold_into_head(ce.model, 2.0, -1.0)
+    calibrated = ce.score(QUERIES, PASSAGES[:3], bf16="false")
+    np.testing.assert_allclose(calibrated, 1 / (1 + np.exp(-(2 * logits - 1))), atol=1e-5)
+    loaded = CrossEncoder.load(ce.save(tmp_path / "ce"))
+    assert loaded.head == "maxsim" and loaded.max_len == 64
+    np.testing.assert_allclose(loaded.score(QUERIES, PASSAGES[:3], bf16="false"), calibrated, atol=1e-6)
+
+
+def test_maxsim_head_ranks_the_answer_first_before_training():
+    # why it exists: MiniLM's token similarities over a joint pass already rank, where a fresh [CLS] head is at chance
+    ce = CrossEncoder.from_base("minilm", max_len=128, head="maxsim")
+    grid = ce.score([q for q in QUERIES for _ in range(3)], [p for _ in QUERIES for p in PASSAGES[:3]],
+                    bf16="false").reshape(3, 3)
+    assert (grid.argmax(1) == np.arange(3)).all()
+
+
+def test_cross_encoder_head_must_be_known():
+    with pytest.raises(ConfigError, match="maxsim"):
+        CrossEncoder.from_base("tiny", head="colbert")
+
+
 def test_cross_encoder_truncates_a_question_longer_than_max_len():
     """A question that fills max_len is cut too (only_second would raise); a short one keeps every token and the
     passage alone is cut, as only_second would."""

@@ -413,6 +413,29 @@ def test_the_cross_encoders_head_learns_at_its_own_rate():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_the_maxsim_head_trains_through_the_cross_task():
+    """cross.head=maxsim: the listwise loss reaches both the encoder and the 1 -> 1 layer, and fits a few groups."""
+    from rocketqa_ray.config import load_config
+    from rocketqa_ray.train.loop import make_optimizer
+    from rocketqa_ray.train.tasks import CrossTask
+
+    cfg = load_config("tiny", overrides=["cross.head=maxsim"])
+    task = CrossTask(cfg, num_negatives=2)
+    model = task.build(None).train()
+    assert model.head == "maxsim"
+    rows = [{"query": f"question {w} about {w}", "passages": [f"{w} answer {w}", f"other {i}", f"unrelated text {i}"],
+             "labels": [1, 0, 0]} for i, w in enumerate(["darwin", "paris", "war", "species"])]
+    opt = make_optimizer(model, 1e-3, 0.0, CrossTask.head, 1.0)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        losses.append(float(task.loss_backward(model, rows, torch.device("cpu"), bf16=False)))
+        assert model.model.classifier.weight.grad is not None
+        assert model.model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_an_out_of_memory_kill_is_one_line_that_says_what_to_change():
     """Ray Train's error when the node's memory monitor kills the workers (text as Ray 2.60 words it) becomes a
     ResourceError naming the stage, the memory figures and the knobs; any other failure is left alone."""
