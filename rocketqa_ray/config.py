@@ -133,9 +133,8 @@ class CrossConfig(EarlyStopConfig):
     base: str = setting("minilm", help="base model: minilm, tiny or a local HF model path")
     init: CrossInit = setting("base", help="start from cross.base, or from M_D0's encoder (it has seen the domain; "
                               "a fresh scoring head)")
-    head: CrossHead = setting("cls", help="how a pair's joint encoding becomes a score: cls (pooler + linear on [CLS], "
-                              "the paper's; loads in sentence-transformers' CrossEncoder) or maxsim (question tokens' "
-                              "best cosine to a passage token, averaged: ranks well before training, for small data)")
+    head: CrossHead = setting("cls", help="cls: pooler + linear on [CLS] (the paper's, sentence-transformers loads it); "
+                              "maxsim: token MaxSim over the joint pass (ranks before training)")
     max_len: int = setting(160, ge=8, help="question + passage length in tokens")
     lr: float = setting(5e-5, gt=0, help="peak learning rate (AdamW)")
     weight_decay: float = setting(0.01, ge=0, help="AdamW weight decay")
