@@ -85,7 +85,7 @@ def plot(results: dict, path: Path, title: str) -> None:
                           f"(M_D0 {dev.get('retriever_mrr@10', float('nan')):.3f})")
     ax.set_xlabel("training step (8 question groups per step)")
     ax.set_ylabel("calibration groups MRR@10 (1 + 7 negatives)")
-    ax.set_title(f"cross-encoder while training, {title} (same M_D0)")
+    ax.set_title(f"cross-encoder while training, {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -101,7 +101,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/cross_encoder_init", help="where the variants' runs go")
     ap.add_argument("--collect", help="only gather the finished variants under this folder into the results")
     ap.add_argument("--results", default="cross_encoder_init", help="name of the results files in bench/results/")
-    ap.add_argument("--title", default="squad-mini", help="what the plot's title says the data is")
+    ap.add_argument("--title", default="squad-mini (same M_D0)", help="what the plot's title says the data "
+                    "and the M_D0 are")
     args = ap.parse_args()
     work = Path(args.collect or args.work)
     for v in args.variants:
