@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from rocketqa_ray.config import CrossHead
 from rocketqa_ray.errors import ConfigError
 from rocketqa_ray.io import atomic_dir
 from rocketqa_ray.modeling.base import (
@@ -28,7 +29,7 @@ from rocketqa_ray.modeling.base import (
     saved_model,
 )
 
-HEADS = ("cls", "maxsim")
+HEADS = get_args(CrossHead)  # the config's list of heads, one source
 
 
 class MaxSimHead(nn.Module):
@@ -39,7 +40,6 @@ class MaxSimHead(nn.Module):
     def __init__(self, encoder: nn.Module, weight: float = 20.0, bias: float = -14.0):
         super().__init__()
         self.encoder = encoder
-        self.config = encoder.config
         self.classifier = nn.Linear(1, 1)
         with torch.no_grad():
             # MiniLM's MaxSim spans a few tenths between a question's candidates (0.52-0.73 for 80% of unrelated
