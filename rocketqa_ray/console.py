@@ -182,25 +182,44 @@ class ProgressFile:
 
 
 @contextlib.contextmanager
-def follow_progress(path: str | Path, label: str, unit: str, poll_s: float = 2.0) -> Iterator[ProgressFile]:
-    """While the block runs, a driver thread reads the `write_progress` file at `path` every `poll_s` seconds."""
-    follower = ProgressFile(path, label, unit)
+def polling(read: Callable[[], object], name: str, poll_s: float = 2.0) -> Iterator[None]:
+    """While the block runs, a driver thread calls `read` every `poll_s` seconds, and once more on the way out."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(poll_s):
-            follower.read()
+            read()
 
-    thread = threading.Thread(target=loop, name=f"progress: {label}", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
-        yield follower
+        yield
     finally:
         stop.set()
         thread.join()
-        follower.read()
+        read()
+
+
+@contextlib.contextmanager
+def follow_progress(path: str | Path, label: str, unit: str, poll_s: float = 2.0) -> Iterator[ProgressFile]:
+    """While the block runs, a driver thread reads the `write_progress` file at `path` every `poll_s` seconds."""
+    follower = ProgressFile(path, label, unit)
+    try:
+        with polling(follower.read, f"progress: {label}", poll_s):
+            yield follower
+    finally:
         if follower.progress is not None:
             follower.progress.close()
+
+
+@contextlib.contextmanager
+def follow_count(count: Callable[[], int], label: str, total: int, unit: str,
+                 poll_s: float = 2.0) -> Iterator[Progress]:
+    """Progress of work the driver does not see move (a Ray Data write runs in its own tasks): a driver thread asks
+    `count()` how much is done, e.g. the rows of the Parquet files written so far, every `poll_s` seconds."""
+    with Progress(label, total, unit) as progress, polling(lambda: progress.update(count()), f"progress: {label}",
+                                                           poll_s):
+        yield progress
 
 
 # ------------------------------------------------------------------------------------------ run logging

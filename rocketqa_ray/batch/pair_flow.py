@@ -145,7 +145,7 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None).rename_columns({"row": "rank"})
     with atomic_dir(out) as tmp:
-        write_parquet(scored, tmp)
+        write_parquet(scored, tmp, (f"score {out.parent.name}/{out.name}", n_pairs, "pairs"))
         got = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(tmp).glob("*.parquet"))
         if got != n_pairs:  # a pair whose passage or question has no text was dropped by the inner joins
             raise DataError(f"score_pair_files: {n_pairs} pairs but {got} scored: some pid is not in {store_dir} or "

@@ -10,6 +10,7 @@ from rocketqa_ray.console import (
     Progress,
     fmt_duration,
     fmt_rate,
+    follow_count,
     follow_progress,
     on_console,
     progress_line,
@@ -77,6 +78,17 @@ def test_progress_file_carries_a_workers_steps_to_the_driver(tmp_path):
     # read once more on the way out: the last value written is the one shown
     assert (follower.progress.done, follower.progress.total) == (7, 10)
     assert follower.progress.postfix == {"loss": 0.25}
+
+
+def test_follow_count_shows_work_the_driver_only_counts():
+    written = [0]
+    with follow_count(lambda: written[0], "score mc/dev_scores", 9, "pairs", poll_s=3600) as progress:
+        written[0] = 5
+        progress.update(written[0])  # what the polling thread does (it polls once an hour here)
+        assert progress.done == 5
+        written[0] = 9
+    # counted once more on the way out: the write's last files are in the total
+    assert (progress.done, progress.total) == (9, 9)
 
 
 def test_terminal_gets_say_lines_and_project_warnings_only():
