@@ -187,20 +187,6 @@ def combine_chunks(block):
     return block.combine_chunks()
 
 
-def parquet_rows_written(path: str | Path) -> int:
-    """Rows in the complete Parquet files under `path` (footers only); a file still being written has no footer yet
-    and counts 0."""
-    import pyarrow.parquet as pq
-
-    n = 0
-    for f in Path(path).glob("*.parquet"):
-        try:
-            n += pq.ParquetFile(f).metadata.num_rows
-        except Exception:  # noqa: BLE001 - being written, or gone: counted on the next look
-            pass
-    return n
-
-
 def write_parquet(ds, path: str | Path, progress: tuple[str, int, str] | None = None) -> None:
     """`ds.write_parquet(path)`, each block as one contiguous table (`combine_chunks`); a user error raised in one of
     its tasks (e.g. a DataError naming the bad question) comes out as itself, without Ray's traceback around it.
@@ -209,8 +195,9 @@ def write_parquet(ds, path: str | Path, progress: tuple[str, int, str] | None = 
     progress line from the rows of the files written so far; the driver never sees the rows themselves."""
     from rocketqa_ray.console import follow_count
     from rocketqa_ray.errors import as_user_error
+    from rocketqa_ray.io import parquet_rows
 
-    follow = (follow_count(lambda: parquet_rows_written(path), *progress) if progress
+    follow = (follow_count(lambda: parquet_rows(path, writing=True), *progress) if progress
               else contextlib.nullcontext())
     try:
         with follow:

@@ -32,7 +32,7 @@ from rocketqa_ray.data.examples import (
     parquet_files,
 )
 from rocketqa_ray.errors import DataError
-from rocketqa_ray.io import atomic_dir, atomic_path, write_json
+from rocketqa_ray.io import atomic_dir, atomic_path, parquet_rows, write_json
 from rocketqa_ray.retrieval.candidates import SUCCESS
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def examples_flow(ids_file: str | Path, store_dir: str | Path, out_dir: str | Pa
                     .map_batches(as_schema, fn_kwargs={"kind": kind}, batch_format="pyarrow"))  # order kept, `row` not
         with atomic_dir(out_dir) as tmp:
             write_parquet(examples, tmp)
-            got = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(tmp).glob("*.parquet"))
+            got = parquet_rows(tmp)
             if got != n_rows:  # a row none of whose passages is in the store left no group
                 raise DataError(f"training examples: {n_rows} rows in {ids_file} but {got} have their passages in "
                                 f"{store_dir}: some passage id is not in the corpus")

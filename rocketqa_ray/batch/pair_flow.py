@@ -25,7 +25,14 @@ from rocketqa_ray.config import EncodeConfig, RayConfig
 from rocketqa_ray.data import corpus_store
 from rocketqa_ray.data.beir import passage_text
 from rocketqa_ray.errors import DataError
-from rocketqa_ray.io import atomic_dir, atomic_path, describe_file, read_json_if_valid, write_json
+from rocketqa_ray.io import (
+    atomic_dir,
+    atomic_path,
+    describe_file,
+    parquet_rows,
+    read_json_if_valid,
+    write_json,
+)
 from rocketqa_ray.retrieval.candidates import SUCCESS
 
 if TYPE_CHECKING:
@@ -146,7 +153,7 @@ def score_pair_files(model_dir: str | Path, store_dir: str | Path, questions: st
         num_gpus=cfg.gpus_per_actor or None).rename_columns({"row": "rank"})
     with atomic_dir(out) as tmp:
         write_parquet(scored, tmp, (f"score {out.parent.name}/{out.name}", n_pairs, "pairs"))
-        got = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(tmp).glob("*.parquet"))
+        got = parquet_rows(tmp)
         if got != n_pairs:  # a pair whose passage or question has no text was dropped by the inner joins
             raise DataError(f"score_pair_files: {n_pairs} pairs but {got} scored: some pid is not in {store_dir} or "
                             f"some qid not in {questions}")

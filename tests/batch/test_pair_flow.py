@@ -14,8 +14,8 @@ from rocketqa_ray.batch.pair_flow import explode_top, read_pair_scores, score_pa
 from rocketqa_ray.config import EncodeConfig
 from rocketqa_ray.data.beir import iter_corpus, load_queries, passage_text
 from rocketqa_ray.errors import DataError
+from rocketqa_ray.io import parquet_rows
 from rocketqa_ray.modeling.cross_encoder import CrossEncoder
-from rocketqa_ray.ray_utils import parquet_rows_written
 from rocketqa_ray.retrieval.candidates import to_table, write_part
 
 MINI = Path(__file__).resolve().parents[2] / "data" / "squad-mini"
@@ -66,7 +66,7 @@ def test_flow_scores_every_pair_once_as_in_process(setup):
     got = read_pair_scores(out)
     assert np.allclose([got[pair] for pair in want], ref, atol=1e-5)
     # what the flow's progress line counts while it writes: the rows of the files written so far
-    assert parquet_rows_written(out) == len(want)
+    assert parquet_rows(out, writing=True) == parquet_rows(out) == len(want)
     # the join's single block was split: every actor of the pool scored (a file per block written)
     assert len(list(out.glob("*.parquet"))) >= CFG.num_actors
     again = score_pair_files(ce, root / "store", root / "questions.parquet", root / "scores", CFG,
