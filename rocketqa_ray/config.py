@@ -18,6 +18,7 @@ from rocketqa_ray.config_loader import check_ranges, setting
 from rocketqa_ray.config_loader import coerce as coerce
 from rocketqa_ray.config_loader import load_yaml as load_yaml
 from rocketqa_ray.errors import ConfigError
+from rocketqa_ray.types import DenoiseKind, DistillKind
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -32,8 +33,6 @@ CeFallback = Literal["fused", "skip"]
 CrossInit = Literal["base", "md0"]
 CrossHead = Literal["cls", "maxsim"]
 PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
-DenoiseKind = Literal["threshold", "relative", "margin", "none"]
-DistillKind = Literal["none", "kl", "margin_mse"]
 
 
 @dataclass

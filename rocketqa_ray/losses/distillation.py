@@ -15,11 +15,12 @@ positive is unscored, or that has no scored negative, adds nothing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch
 
-DistillKind = Literal["none", "kl", "margin_mse"]
+from rocketqa_ray.types import DistillKind
+
 EPS = 1e-6  # probabilities are clamped to [EPS, 1 - EPS] before the logit
 
 
@@ -47,8 +48,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: Distil
 
     if student.shape != teacher.shape or student.dim() != 2:
         raise ValueError(f"expected student and teacher [B, G], got {tuple(student.shape)} and {tuple(teacher.shape)}")
-    if kind not in ("none", "kl", "margin_mse"):
-        raise ValueError(f"unknown distillation kind {kind!r}; use none, kl or margin_mse")
+    if kind not in get_args(DistillKind):
+        raise ValueError(f"unknown distillation kind {kind!r}; use one of {', '.join(get_args(DistillKind))}")
     s = student.float()
     t = teacher.to(s.device).float()
     scored = ~torch.isnan(t)

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
-from rocketqa_ray.types import PairScores, RankedIds
+from rocketqa_ray.types import DenoiseKind, PairScores, RankedIds
 
 
 @dataclass
@@ -30,14 +29,11 @@ class DenoiseResult:
     stats: dict = field(default_factory=dict)
 
 
-RuleKind = Literal["threshold", "relative", "margin", "none"]
-
-
 @dataclass(frozen=True)
 class DenoiseRule:
     """When a scored candidate counts as a likely positive (see the module docstring)."""
 
-    kind: RuleKind = "threshold"
+    kind: DenoiseKind = "threshold"
     threshold: float = 0.5
     relative: float = 0.95
     margin: float = 0.05
