@@ -8,8 +8,8 @@ report, never silent.
   on held-out dev), or are skipped.
 - After each dual encoder: against the previous one (zero-shot for M_D0), by held-out dev MRR@10.
 
-A failed check is one console line and a "Checks" section in the report, with the figures; with
-`pipeline.strict` (`--strict`) it stops the run instead (the stage is not marked complete, so a rerun without
+Each verdict, passed or failed, is one console line and one line of the report's "Checks" section, with the
+figures; with `pipeline.strict` (`--strict`) a failed check stops the run instead (the stage is not marked complete, so a rerun without
 `--strict` continues from it).
 """
 
@@ -42,8 +42,11 @@ class CheckResult:
 
 
 def report_check(result: CheckResult, stage: str, strict: bool) -> dict:
-    """Say a failed check (or stop the run under `strict`); the dict goes into the stage's stats."""
-    if not result.passed:
+    """Say the check's verdict on the console (a failure stops the run under `strict`); the dict goes into the
+    stage's stats. A pass is said too: a user reading the console should not have to infer it from silence."""
+    if result.passed:
+        say("stage %s: check passed: %s: %s", stage, result.name, result.message)
+    else:
         if strict:
             raise QualityCheckFailed(f"stage {stage}: {result.name} check failed: {result.message} (stopped by "
                                      "--strict / pipeline.strict; rerun without it to go on with the fallback)")

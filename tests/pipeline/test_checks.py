@@ -137,6 +137,7 @@ def test_each_dual_encoder_is_checked_against_the_one_before(starved_run):
         assert c["passed"] is (s["heldout_mrr@10"] > before["heldout_mrr@10"])
         assert c["figures"][f"{previous}_mrr@10"] == before["heldout_mrr@10"]
         assert any(f"stage {stage}: CHECK FAILED" in x for x in lines) is (not c["passed"])
+        assert any(f"stage {stage}: check passed" in x for x in lines) is c["passed"]
 
 
 def copy_through(run_dir: Path, out: Path, redo: str | None = None) -> Path:
