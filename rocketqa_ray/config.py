@@ -404,10 +404,22 @@ def validate(cfg: Config) -> None:
 
 # Keys that change how fast, not what, a stage or a training run computes: a run may resume with other values.
 RUNTIME_KEYS = ("log_every", "checkpoint_every", "length_buckets", "strict", "budget_minutes", "driver_max_examples")
+# Read only by a dual encoder that continues from the previous one (steps 3 and 4): tuning them on dev must not
+# retrain M_D0.
+CONTINUATION_KEYS = ("dual.init", "dual.continue_epochs", "dual.continue_min_steps")
 
 
-def stable_sections(cfg: Config, *sections: str) -> dict[str, Any]:
+def stable_sections(cfg: Config, *sections: str, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     """The named sections as a plain dict without RUNTIME_KEYS: what a stage or a training run records to
-    detect config changes on resume."""
+    detect config changes on resume. A name may be one key (`mining.top_k`): a stage that reads two keys of a
+    section is not invalidated by the others. `ignore` lists `section.key`s to leave out."""
     d = cfg.to_dict()
-    return {s: {k: v for k, v in d[s].items() if k not in RUNTIME_KEYS} for s in sections}
+    out: dict[str, Any] = {}
+    for name in sections:
+        section, _, key = name.partition(".")
+        keep = {k: v for k, v in d[section].items() if k not in RUNTIME_KEYS and (not key or k == key)}
+        out.setdefault(section, {}).update(keep)
+    for name in ignore:
+        section, _, key = name.partition(".")
+        out.get(section, {}).pop(key, None)
+    return out

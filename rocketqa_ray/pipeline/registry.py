@@ -33,13 +33,18 @@ class Stage:
     name: str
     run: StageFn
     deps: tuple[str, ...]  # upstream stages: run first; their fingerprints are part of this one's
-    sections: tuple[str, ...]  # config sections it reads: changing any other never invalidates it
+    sections: tuple[str, ...]  # config sections (or single `section.key`s) it reads: nothing else invalidates it
     label: str  # its row in the report
     ablation: bool = False  # run only with pipeline.ablations
     variant: bool = False  # several stages share code and sections: the fingerprint records the name
     retriever: bool = False  # writes <stage>/model and <stage>/index: a dual encoder the service can serve
     paper_mrr10: float | None = None  # RocketQA's MS MARCO dev MRR@10 (x100) for this row, for context
     reranks: str | None = None  # the retriever stage whose top-k this stage reranks (its fusion and verdict)
+    ignores: tuple[str, ...] = ()  # `section.key`s of its sections that it does not read
+
+    def reads(self, key: str) -> bool:
+        """Whether a change to `section.key` can change what this stage computes (and so its fingerprint)."""
+        return key not in self.ignores and any(s in (key, key.partition(".")[0]) for s in self.sections)
 
 
 _REGISTRY: dict[str, Stage] = {}
@@ -47,14 +52,14 @@ _REGISTRY: dict[str, Stage] = {}
 
 def stage(name: str, *, deps: tuple[str, ...] = (), sections: tuple[str, ...], label: str, ablation: bool = False,
           variant: bool = False, retriever: bool = False, paper_mrr10: float | None = None,
-          reranks: str | None = None) -> Callable[[StageFn], StageFn]:
+          reranks: str | None = None, ignores: tuple[str, ...] = ()) -> Callable[[StageFn], StageFn]:
     """Register the decorated function as the stage `name` (in declaration order)."""
 
     def register(fn: StageFn) -> StageFn:
         if name in _REGISTRY:
             raise ValueError(f"stage {name!r} registered twice")
         _REGISTRY[name] = Stage(name, fn, deps, sections, label, ablation, variant, retriever, paper_mrr10,
-                                 reranks)
+                                 reranks, ignores)
         return fn
 
     return register

@@ -58,7 +58,7 @@ class Pipeline:
 
     def stage_fingerprint(self, st: Stage) -> dict:
         """What a completed stage must match to be reused: its config sections and its upstream stages' digests."""
-        sections = stable_sections(self.cfg, *st.sections)
+        sections = stable_sections(self.cfg, *st.sections, ignore=st.ignores)
         # Which data a stage read is checked by content (`integrity`), so the same data under another path
         # spelling, or in the copy `ray job submit` unpacks, is not a changed config.
         sections.get("data", {}).pop("path", None)
@@ -82,10 +82,13 @@ class Pipeline:
             say("stage %s: its completion marker %s is empty or damaged; running the stage again", name, marker)
         if done is not None:
             if done.get("digest") != digest:
-                raise StageConfigChanged(
-                    f"stage '{name}' in {d} was completed with a different config ({diff(done.get('fingerprint', {}), fp)}); "
-                    f"use a new --out directory, or delete {d} (and the stages after it) to redo it"
-                )
+                stored = done.get("fingerprint", {})
+                if not same_reads(stored, fp):
+                    raise StageConfigChanged(
+                        f"stage '{name}' in {d} was completed with a different config ({diff(project(stored, fp), fp)}); "
+                        f"use a new --out directory, or delete {d} (and the stages after it) to redo it"
+                    )
+                digest = done["digest"]  # the stages after it recorded this one: they stay valid
             check_inputs(name, d, done.get("inputs", {}), self.inputs, self.data_files)
             check_outputs(name, d, done.get("outputs", {}))
             say("stage %s: already complete, skipping (%.0f s before)", name, done.get("seconds", 0))
@@ -149,6 +152,20 @@ class Pipeline:
         write_json(self.run_dir / "report.json", report)
         write_reports(report, self.run_dir)
         return report
+
+
+def project(stored: dict, fp: dict) -> dict:
+    """`stored` cut down to the keys `fp` has: a fingerprint recorded when the stage declared wider sections
+    (before a section was narrowed to the keys it reads) keeps keys the stage no longer reads."""
+    if not isinstance(stored, dict) or not isinstance(fp, dict):
+        return stored
+    return {k: project(stored[k], v) if k in stored else None for k, v in fp.items()}
+
+
+def same_reads(stored: dict, fp: dict) -> bool:
+    """Whether a stage completed under the fingerprint `stored` computed what it would compute now: the same
+    value for every key it reads now, the same upstream stages."""
+    return project(stored, fp) == fp
 
 
 def diff(old: dict, new: dict, prefix: str = "") -> str:

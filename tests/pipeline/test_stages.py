@@ -176,10 +176,10 @@ def test_stage_fingerprint_follows_the_sections_it_reads(name, small_data, tmp_p
     assert set(SECTION_CHANGE) == {f.name for f in fields(Config)}
     st = stages()[name]
     base = Pipeline(_cfg(small_data), tmp_path).stage_fingerprint(st)
-    assert set(base["config"]) == set(st.sections) | ({"variant"} if st.variant else set())
-    for section, change in SECTION_CHANGE.items():
+    assert set(base["config"]) == {s.partition(".")[0] for s in st.sections} | ({"variant"} if st.variant else set())
+    for change in SECTION_CHANGE.values():
         fp = Pipeline(_cfg(small_data, change), tmp_path).stage_fingerprint(st)
-        assert (fp != base) == (section in st.sections), f"{name}: --set {change}"
+        assert (fp != base) == st.reads(change.partition("=")[0]), f"{name}: --set {change}"
     for change in RUNTIME_CHANGES:
         assert Pipeline(_cfg(small_data, change), tmp_path).stage_fingerprint(st) == base, f"{name}: {change}"
     # upstream stages' digests are part of it
@@ -195,6 +195,10 @@ UNDECLARED = [
     pytest.param("md0", "mining.top_k=20", id="md0-mining.top_k"),  # length of md0/train_top
     pytest.param("md0", "mining.seed=3", id="md0-mining.seed"),  # shuffles its training rows (dual_examples)
     pytest.param("md0_inbatch", "mining.seed=3", id="md0_inbatch-mining.seed"),
+    pytest.param("mc", "mining.top_k=20", id="mc-mining.top_k"),  # its groups' negatives come from md0's top-k
+    pytest.param("mc", "mining.seed=3", id="mc-mining.seed"),  # draws the calibration groups and the negatives
+    pytest.param("md1", "dual.continue_epochs=0.5", id="md1-dual.continue_epochs"),
+    pytest.param("md2", "dual.init=base", id="md2-dual.init"),
     pytest.param("md1_undenoised", "bm25.k1=1.5", id="md1_undenoised-bm25.k1"),  # its BM25 negatives (no mc dep)
 ]
 
@@ -204,6 +208,41 @@ def test_stage_fingerprint_covers_what_it_reads(name, change, small_data, tmp_pa
     st = stages()[name]
     assert Pipeline(_cfg(small_data, change), tmp_path).stage_fingerprint(st) != \
         Pipeline(_cfg(small_data), tmp_path).stage_fingerprint(st)
+
+
+# (stage, a change to a key of its sections that it does not read): tuning steps 3-4 must not retrain md0 or mc
+NOT_READ = [
+    pytest.param("md0", "mining.denoise=none", id="md0-mining.denoise"),
+    pytest.param("md0", "mining.pseudo_top_k=3", id="md0-mining.pseudo_top_k"),
+    pytest.param("md0", "dual.continue_epochs=0.5", id="md0-dual.continue_epochs"),
+    pytest.param("md0", "dual.init=base", id="md0-dual.init"),
+    pytest.param("md0_inbatch", "dual.continue_min_steps=5", id="md0_inbatch-dual.continue_min_steps"),
+    pytest.param("mc", "mining.denoise=relative", id="mc-mining.denoise"),
+    pytest.param("mc", "mining.denoise_threshold=0.3", id="mc-mining.denoise_threshold"),
+]
+
+
+@pytest.mark.parametrize("name,change", NOT_READ)
+def test_stage_fingerprint_ignores_what_it_does_not_read(name, change, small_data, tmp_path):
+    st = stages()[name]
+    assert not st.reads(change.partition("=")[0])
+    assert Pipeline(_cfg(small_data, change), tmp_path).stage_fingerprint(st) == \
+        Pipeline(_cfg(small_data), tmp_path).stage_fingerprint(st)
+
+
+def test_a_stage_recorded_with_wider_sections_is_still_reused():
+    """A run folder from before a stage's sections were narrowed recorded keys the stage no longer reads: it stays
+    valid while every key the stage reads now has its old value, and not otherwise."""
+    from rocketqa_ray.pipeline.runner import diff, project, same_reads
+
+    now = {"config": {"mining": {"top_k": 50, "seed": 0}, "dual": {"lr": 5e-5}}, "deps": {"bm25": "ab"}}
+    stored = {"config": {"mining": {"top_k": 50, "seed": 0, "denoise": "threshold"},
+                         "dual": {"lr": 5e-5, "continue_epochs": 0.4}}, "deps": {"bm25": "ab"}}
+    assert same_reads(stored, now)
+    changed = {**stored, "config": {**stored["config"], "mining": {**stored["config"]["mining"], "top_k": 20}}}
+    assert not same_reads(changed, now)
+    assert diff(project(changed, now), now) == "config.mining.top_k: 20 -> 50"  # the message names only what it reads
+    assert not same_reads({**stored, "deps": {"bm25": "cd"}}, now)
 
 
 def test_variants_share_code_but_not_fingerprints(small_data, tmp_path):

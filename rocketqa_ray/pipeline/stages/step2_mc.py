@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 CALIBRATION = "calibration.json"
 
 
-@stage("mc", deps=("md0",), sections=("data", "cross", "mining", "eval", "bm25"), label="M_C reranking M_D0 top-k",
-       reranks="md0")
+# of `mining`, only how many of md0's candidates its groups draw negatives from, and the seed that draws them and
+# the calibration groups: a new denoising rule reuses the cross-encoder
+@stage("mc", deps=("md0",), sections=("data", "cross", "mining.top_k", "mining.seed", "eval", "bm25"),
+       label="M_C reranking M_D0 top-k", reranks="md0")
 def mc(ctx: Context, cfg: Config, d: Path) -> StageResult:
     from rocketqa_ray.data.examples import attach_texts, cross_id_groups
     from rocketqa_ray.train.launch import train_cross
