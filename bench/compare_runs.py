@@ -62,13 +62,15 @@ def stage_rows(name: str, run: Path, qrels: dict) -> tuple[list[dict], dict[str,
 
 
 def paired(rr: dict[str, dict[str, float]], a: str, b: str) -> dict | None:
+    """a - b per test question: the mean, its standard error, `z` (mean / SE: negative when a is worse) and
+    whether a is *better* than b by more than one / two SE (one-sided, as the issue's goals read)."""
     if a not in rr or b not in rr:
         return None
     qids = sorted(set(rr[a]) & set(rr[b]))
     d = np.array([rr[a][q] - rr[b][q] for q in qids])
     se = float(d.std(ddof=1) / np.sqrt(len(d)))
     return {"a": a, "b": b, "questions": len(qids), "difference": round(float(d.mean()), 4), "se": round(se, 4),
-            "beyond_one_se": bool(d.mean() > se), "beyond_two_se": bool(d.mean() > 2 * se)}
+            "z": round(float(d.mean()) / se, 2) if se > 0 else None, "beyond_one_se": bool(d.mean() > se), "beyond_two_se": bool(d.mean() > 2 * se)}
 
 
 def run_peer(python: str, data: str, hard: bool) -> dict:
