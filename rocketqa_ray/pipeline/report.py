@@ -118,6 +118,8 @@ def markdown(report: dict, plot_name: str = "report.png") -> str:
         label = st_def.label if st_def else s
         if s == "bm25" and stats.get(s, {}).get("stemmed"):
             label = label.replace("BM25", "BM25, stemmed")
+        if st_def and "denoised" in st_def.label and s in stats and "rule" not in stats[s]:  # nothing was judged
+            label = label.replace("denoised ", "") + " (not denoised)"
         if stats.get(s, {}).get("rerank_choice") == "retriever":
             label += f" (not reranked: no better than {stats[s].get('retriever', 'the retriever')} on held-out dev)"
         elif stats.get(s, {}).get("scores") == "fused":

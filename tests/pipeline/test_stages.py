@@ -129,6 +129,18 @@ def _bm25_pool(run: StageRunner) -> RankedIds:
     return {q: list(dict.fromkeys(top[q][: m.denoise_top] + lexical[q])) for q in ctx.splits.train}
 
 
+def test_report_says_when_md1_was_not_denoised():
+    """md1 with `mining.denoise=none` (or no scores to judge by) trains on the raw hard negatives: its row must
+    not claim denoising, while a judged pool keeps the registry's label."""
+    from rocketqa_ray.pipeline.report import markdown
+
+    label = stages()["md1"].label
+    judged = markdown({"stages": {"md1": {"mrr@10": 0.5}}, "stats": {"md1": {"rule": "threshold", "dropped": 3}}})
+    assert f"| {label} |" in judged and "not denoised" not in judged
+    raw = markdown({"stages": {"md1": {"mrr@10": 0.5}}, "stats": {"md1": {"train_questions": 7}}})
+    assert label not in raw and "| M_D1: + hard negatives (not denoised) |" in raw
+
+
 # ------------------------------------------------------------------------------------------ registry and runner
 def test_report_lists_stages_in_registry_order(small_data, tmp_path):
     reg = stages()
@@ -139,7 +151,7 @@ def test_report_lists_stages_in_registry_order(small_data, tmp_path):
     # whatever order the stages finished in, the report (json and markdown) follows the registry
     p = Pipeline(load_config("tiny", overrides=[f"data.path={small_data}"]), tmp_path / "run", preset="tiny")
     for i, name in enumerate(reversed(EXPECTED_ORDER)):
-        p.results[name] = StageResult({"mrr@10": i / 10}, {"n": i}, float(i))
+        p.results[name] = StageResult({"mrr@10": i / 10}, {"n": i, "rule": "threshold"}, float(i))
     report = p.write_report()
     assert list(report["stages"]) == list(report["stats"]) == list(reg)
     md = (tmp_path / "run" / "report.md").read_text()
